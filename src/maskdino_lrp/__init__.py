@@ -1,0 +1,18 @@
+"""maskdino-lrp: Layer-wise Relevance Propagation for MaskDINO, in pure PyTorch."""
+from __future__ import annotations
+
+import logging
+import os
+
+from .model.config import ConfigError, load_config, preset_names
+from .model.maskdino import Detections, ImageError, MaskDINO, build_model, load_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "Detections", "ImageError", "MaskDINO", "build_model", "load_config", "load_weights",
+    "preset_names",
+]
+
+if os.environ.get("LOGLEVEL"):
+    logging.basicConfig(level=os.environ["LOGLEVEL"].upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
