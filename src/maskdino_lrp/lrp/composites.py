@@ -1,0 +1,196 @@
+"""Which LRP rule goes where: by module kind (found by type or structure) and by qualified name.
+
+A composite never looks at MaskDINO specifically; it classifies modules by what they are
+(a ``nn.Linear``, a ``nn.MultiheadAttention``, anything with ``sampling_offsets``,
+``attention_weights``, ``value_proj`` and ``output_proj`` is a multi-scale deformable attention, …)
+and maps each kind to a :class:`Rule`. Name patterns (``fnmatch`` on the qualified module name) take
+precedence, so a user can say "gamma everywhere in ``backbone.res*``" or "epsilon for ``backbone.stem.conv1``".
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from torch import nn
+
+# Rule names per module kind; the engine implements each.
+RULES_BY_KIND: dict[str, tuple[str, ...]] = {
+    "linear": ("epsilon", "zplus", "gamma", "gradient"),
+    "conv": ("epsilon", "zplus", "gamma", "flat", "zbox", "gradient"),
+    "norm": ("ln", "gradient"),
+    "mha": ("attnlrp", "ah", "gradient"),
+    "deform_attn": ("value", "value+query", "gradient"),
+    "product": ("uniform", "gradient"),
+    "elementwise": ("identity", "gradient"),
+    "max_pool": ("wta", "proportional"),
+}
+
+
+class RuleError(ValueError):
+    """An unknown rule, module kind or composite."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named rule with its parameters, e.g. ``Rule("gamma", gamma=0.25)``."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __init__(self, name: str, **params: Any):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "params", dict(params))
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.params.items()))))
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        return f"Rule({self.name!r}{args})"
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The kind of a module for rule assignment, or None when it needs no rule (gradient is LRP-0)."""
+    if all(hasattr(module, a) for a in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")):
+        return "deform_attn"
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return "norm"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.MaxPool2d):
+        return "max_pool"
+    if isinstance(module, (nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU)):
+        return "elementwise"
+    if isinstance(getattr(module, "equation", None), str) and not any(True for _ in module.parameters(recurse=False)):
+        return "product"  # a parameterless bilinear product of two variable tensors (einsum equation)
+    return None
+
+
+@dataclass
+class Composite:
+    """A rule per module kind, name-pattern overrides, and the rule for the layer that sees the pixels."""
+
+    name: str
+    by_kind: dict[str, Rule]
+    by_name: list[tuple[str, Rule]] = field(default_factory=list)
+    first_layer: Rule | None = None
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for kind, rule in self.by_kind.items():
+            check_rule(kind, rule)
+
+    def rule_for(self, qualified_name: str, module: nn.Module, is_first_layer: bool = False) -> Rule | None:
+        """The rule for one module, or None when the plain gradient already is its LRP rule."""
+        kind = module_kind(module)
+        if kind is None:
+            return None
+        if is_first_layer and self.first_layer is not None and kind == "conv":
+            return self.first_layer
+        for pattern, rule in self.by_name:
+            # a pattern rule applies to the modules it can apply to (gamma: convs, not the max-pool)
+            if fnmatch.fnmatchcase(qualified_name, pattern) and rule.name in RULES_BY_KIND[kind]:
+                return rule
+        return self.by_kind.get(kind)
+
+    def with_rules(self, name: str | None = None, **by_kind: Rule | str) -> "Composite":
+        """A copy with some kinds' rules replaced, e.g. ``c.with_rules(mha="ah")``."""
+        rules = dict(self.by_kind)
+        for kind, rule in by_kind.items():
+            if kind == "first_layer":
+                continue
+            rules[kind] = rule if isinstance(rule, Rule) else Rule(rule)
+        first = by_kind.get("first_layer", self.first_layer)
+        if isinstance(first, str):
+            first = Rule(first)
+        return replace(self, name=name or self.name, by_kind=rules, first_layer=first)
+
+    def describe(self) -> str:
+        """One line per kind: which rule applies."""
+        lines = [f"composite {self.name!r}"]
+        lines += [f"  {kind:<12} {rule!r}" for kind, rule in sorted(self.by_kind.items())]
+        if self.first_layer is not None:
+            lines.append(f"  first layer  {self.first_layer!r}")
+        lines += [f"  {pattern:<12} {rule!r}" for pattern, rule in self.by_name]
+        return "\n".join(lines)
+
+
+def check_rule(kind: str, rule: Rule) -> Rule:
+    """Raise RuleError unless ``rule`` exists for module kind ``kind``."""
+    if kind not in RULES_BY_KIND:
+        raise RuleError(f"unknown module kind {kind!r}; kinds: {sorted(RULES_BY_KIND)}")
+    if rule.name not in RULES_BY_KIND[kind]:
+        raise RuleError(f"rule {rule.name!r} does not apply to {kind!r} modules; choose one of {list(RULES_BY_KIND[kind])}")
+    return rule
+
+
+def _default() -> Composite:
+    return Composite(
+        name="default",
+        by_kind={
+            "linear": Rule("epsilon", epsilon=1e-6),
+            "conv": Rule("epsilon", epsilon=1e-6),
+            "norm": Rule("ln"),
+            "mha": Rule("attnlrp"),
+            "deform_attn": Rule("value"),
+            "product": Rule("uniform"),
+            "elementwise": Rule("identity"),
+            "max_pool": Rule("wta"),
+        },
+        # the CNN body: gamma (zennit's EpsilonGammaBox); the pixels: z^B bounded by the input range
+        by_name=[("backbone.*", Rule("gamma", gamma=0.25))],
+        first_layer=Rule("zbox"),
+    )
+
+
+def _presets() -> dict[str, Composite]:
+    default = _default()
+    conservative = Composite(
+        name="conservative",
+        by_kind={
+            "linear": Rule("epsilon", epsilon=1e-9),
+            "conv": Rule("epsilon", epsilon=1e-9),
+            "norm": Rule("ln"),
+            "mha": Rule("ah"),
+            "deform_attn": Rule("value"),
+            "product": Rule("uniform"),
+            "elementwise": Rule("identity"),
+            "max_pool": Rule("wta"),
+        },
+    )
+    gradient = Composite(
+        name="gradient",
+        by_kind={"linear": Rule("gradient"), "conv": Rule("gradient"), "norm": Rule("gradient"),
+                 "mha": Rule("gradient"), "deform_attn": Rule("gradient"), "product": Rule("gradient"),
+                 "elementwise": Rule("gradient"), "max_pool": Rule("wta")},
+    )
+    return {
+        "default": default,
+        "attnlrp": default.with_rules("attnlrp"),
+        "ah": default.with_rules("ah", mha=Rule("ah")),
+        "deform-query": default.with_rules("deform-query", deform_attn=Rule("value+query")),
+        "epsilon": replace(default.with_rules("epsilon"), by_name=[], first_layer=None),
+        "zplus": replace(default.with_rules("zplus"), by_name=[("backbone.*", Rule("zplus"))]),
+        "conservative": conservative,
+        "gradient": gradient,
+    }
+
+
+def composite_names() -> list[str]:
+    """Names of the preset composites."""
+    return sorted(_presets())
+
+
+def get_composite(composite: str | Composite) -> Composite:
+    """A preset composite by name, or the composite itself."""
+    if isinstance(composite, Composite):
+        return composite
+    presets = _presets()
+    if composite not in presets:
+        raise RuleError(f"unknown composite {composite!r}; presets: {', '.join(sorted(presets))}")
+    return presets[composite]

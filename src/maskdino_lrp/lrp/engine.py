@@ -1,0 +1,329 @@
+"""The LRP engine: rules attached to modules for one forward, relevance by one batched backward.
+
+Relevance is gradient × input under modified backward rules. Inside :func:`lrp_mode` each module that
+needs a rule gets an instance-level ``forward`` that computes the same values through the rule's
+autograd function; on exit (also after an exception) the instance attributes are removed, so the
+model is bit-identical to before. Relevance then follows the real computation graph.
+
+Where relevance leaves the image path it is recorded in a :class:`Ledger`: biases (and LayerNorm β,
+folded batch-norm shifts), learned embeddings (level embeddings, query embeddings), and positional
+inputs (sine encodings, reference-point embeddings). ``target = Σ R(pixels) + ledger + residual``,
+where the residual is what non-conservative rules (epsilon, the AttnLRP softmax) and constants the
+engine does not see (e.g. reference boxes added before the box sigmoid) take.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rules
+from .composites import Composite, Rule, RuleError, get_composite, module_kind
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(ValueError):
+    """A model or request the engine cannot handle, with what to do."""
+
+
+# ----------------------------------------------------------------------------- ledger
+@dataclass
+class Ledger:
+    """Tensors outside the image path that receive relevance, by category."""
+
+    entries: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
+
+    def track(self, category: str, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """A leaf copy of ``tensor`` whose gradient × value is the relevance it absorbs."""
+        if tensor is None:
+            return None
+        leaf = tensor.detach().requires_grad_(True)
+        self.entries.append((category, name, leaf))
+        return leaf
+
+    def add(self, category: str, name: str, tensor: torch.Tensor) -> None:
+        """Record an existing leaf (a learned embedding parameter)."""
+        self.entries.append((category, name, tensor))
+
+
+# ----------------------------------------------------------------------------- module forwards
+def _is_frozen_bn(norm: nn.Module | None) -> bool:
+    return norm is not None and hasattr(norm, "running_mean") and hasattr(norm, "running_var") \
+        and not isinstance(norm, (nn.GroupNorm, nn.LayerNorm))
+
+
+def _linear_rule(rule: Rule, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if rule.name == "epsilon":
+        return rules.linear_epsilon(x, weight, bias, rule.params.get("epsilon", 1e-6))
+    if rule.name == "gamma":
+        return rules.linear_gamma(x, weight, bias, rule.params.get("gamma", 0.25))
+    if rule.name == "zplus":
+        return rules.linear_zplus(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _conv_rule(rule: Rule, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
+               input_bounds: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if rule.name == "epsilon":
+        return rules.conv2d_epsilon(x, weight, bias, *geometry, rule.params.get("epsilon", 1e-6))
+    if rule.name == "gamma":
+        return rules.conv2d_gamma(x, weight, bias, *geometry, rule.params.get("gamma", 0.25))
+    if rule.name == "zplus":
+        return rules.conv2d_zplus(x, weight, bias, *geometry)
+    if rule.name == "flat":
+        return rules.conv2d_flat(x, weight, bias, *geometry)
+    if rule.name == "zbox":
+        if input_bounds is None:
+            raise EngineError("the zbox rule needs the input range (low, high) of the first layer")
+        return rules.conv2d_zbox(x, weight, bias, *geometry, *input_bounds)
+    return F.conv2d(x, weight, bias, *geometry)
+
+
+def _linear_forward(name: str, module: nn.Linear, rule: Rule, ledger: Ledger) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _linear_rule(rule, x, module.weight, ledger.track("bias", f"{name}.bias", module.bias))
+
+    return forward
+
+
+def _conv_forward(name: str, module: nn.Conv2d, rule: Rule, ledger: Ledger, bounds: Callable | None) -> Callable:
+    """A conv (detectron2 style: optional ``norm`` and ``activation`` attributes); frozen BN is folded in."""
+    norm = getattr(module, "norm", None)
+    fold = _is_frozen_bn(norm)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight, bias = module.weight, module.bias
+        if fold:
+            weight, bias = rules.fold_batchnorm(weight, bias, norm.weight, norm.bias, norm.running_mean,
+                                                norm.running_var, getattr(norm, "eps", 1e-5))
+        y = _conv_rule(rule, x, weight, ledger.track("bias", f"{name}.bias", bias), module,
+                       bounds() if bounds is not None else None)
+        if norm is not None and not fold:
+            y = norm(y)
+        activation = getattr(module, "activation", None)
+        return activation(y) if activation is not None else y
+
+    return forward
+
+
+def _norm_forward(name: str, module: nn.Module, rule: Rule, ledger: Ledger) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        beta = ledger.track("bias", f"{name}.bias", module.bias)
+        if rule.name == "gradient":
+            if isinstance(module, nn.LayerNorm):
+                return F.layer_norm(x, module.normalized_shape, module.weight, beta, module.eps)
+            return F.group_norm(x, module.num_groups, module.weight, beta, module.eps)
+        if isinstance(module, nn.LayerNorm):
+            return rules.layer_norm_lrp(x, module.normalized_shape, module.weight, beta, module.eps)
+        return rules.group_norm_lrp(x, module.num_groups, module.weight, beta, module.eps)
+
+    return forward
+
+
+def _elementwise_forward(module: nn.Module, rule: Rule) -> Callable:
+    fn = type(module)()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return rules.identity_rule(fn, x) if rule.name == "identity" else fn(x)
+
+    return forward
+
+
+def _product_forward(module: nn.Module, rule: Rule) -> Callable:
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if rule.name == "uniform":
+            return rules.uniform_einsum(module.equation, a, b)
+        return torch.einsum(module.equation, a, b)
+
+    return forward
+
+
+def _max_pool_forward(module: nn.MaxPool2d, rule: Rule) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if rule.name == "proportional":
+            return rules.maxpool2d_proportional(x, module.kernel_size, module.stride, module.padding)
+        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                            ceil_mode=module.ceil_mode)
+
+    return forward
+
+
+def _mha_forward(name: str, module: nn.MultiheadAttention, rule: Rule, linear_rule: Rule, ledger: Ledger) -> Callable:
+    """nn.MultiheadAttention (sequence-first or batch-first) with AttnLRP or the AH-rule."""
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if module.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        tgt_len, bsz, embed = query.shape
+        heads = module.num_heads
+        head_dim = embed // heads
+        if module._qkv_same_embed_dim:
+            wq, wk, wv = module.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+        bias = ledger.track("bias", f"{name}.in_proj_bias", module.in_proj_bias)
+        bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
+        q = _linear_rule(linear_rule, query, wq, bq)
+        k = _linear_rule(linear_rule, key, wk, bk)
+        v = _linear_rule(linear_rule, value, wv, bv)
+        # (L, B, E) -> (B*H, L, d)
+        q = q.reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1) / math.sqrt(head_dim)
+        k = k.reshape(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        v = v.reshape(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        if rule.name == "attnlrp":
+            scores = rules.uniform_matmul(q, k.transpose(1, 2))
+        else:
+            scores = torch.bmm(q, k.transpose(1, 2))
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dim() == 3 else attn_mask[None]
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if key_padding_mask is not None:
+            pad = key_padding_mask.view(bsz, 1, 1, -1).expand(bsz, heads, 1, -1).reshape(bsz * heads, 1, -1)
+            scores = scores.masked_fill(pad, float("-inf"))
+        if rule.name == "attnlrp":
+            attn = rules.softmax_rule(scores, -1)
+            out = rules.uniform_matmul(attn, v)
+        elif rule.name == "ah":
+            attn = torch.softmax(scores, -1).detach()
+            out = torch.bmm(attn, v)
+        else:
+            attn = torch.softmax(scores, -1)
+            out = torch.bmm(attn, v)
+        out = out.transpose(0, 1).reshape(tgt_len, bsz, embed)
+        out = module.out_proj(out)
+        if module.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = attn.detach().view(bsz, heads, tgt_len, -1)
+            weights = weights.mean(1) if average_attn_weights else weights
+        return out, weights
+
+    return forward
+
+
+def _deform_forward(name: str, module: nn.Module, rule: Rule) -> Callable:
+    """Multi-scale deformable attention: value path (A, β constant) or value + query path (uniform split)."""
+    from ..model import deform_attn as da
+
+    def forward(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                input_padding_mask=None):
+        value = module.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        n, len_in, _ = value.shape
+        value = value.view(n, len_in, module.n_heads, module.d_model // module.n_heads)
+        query_for_weights = query if rule.name == "value+query" else query.detach()
+        locations, weights = da.sampling_locations_and_weights(module, query_for_weights, reference_points,
+                                                              input_spatial_shapes)
+        locations = locations.detach()  # offsets and bilinear weights are positional: no relevance
+        if rule.name == "value":
+            weights = weights.detach()
+        sampled = da.sample_values(value, input_spatial_shapes, input_level_start_index, locations)
+        if rule.name == "value+query":
+            out = da.weighted_sum(sampled, weights, product=rules.uniform_product)
+        else:
+            out = da.weighted_sum(sampled, weights)
+        return module.output_proj(out)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------- the context
+@dataclass
+class LRPState:
+    """What one LRP forward leaves behind: patched modules, the ledger, and recorded tensors."""
+
+    ledger: Ledger = field(default_factory=Ledger)
+    records: dict[str, Any] = field(default_factory=dict)
+    rules: dict[str, Rule] = field(default_factory=dict)
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d | None:
+    backbone = getattr(model, "backbone", model)
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            return module
+    return None
+
+
+def _free_parameters(model: nn.Module, patched: set[int]) -> list[tuple[str, nn.Parameter]]:
+    """Parameters used directly (not through a patched module): level embeddings, query embeddings."""
+    out = []
+    for mod_name, module in model.named_modules():
+        if id(module) in patched or module_kind(module) is not None:
+            continue
+        if _is_frozen_bn(module):
+            continue
+        for p_name, param in module.named_parameters(recurse=False):
+            out.append((f"{mod_name}.{p_name}" if mod_name else p_name, param))
+    return out
+
+
+@contextlib.contextmanager
+def lrp_mode(model: nn.Module, composite: str | Composite = "default",
+             input_bounds: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[LRPState]:
+    """Attach the composite's rules to ``model`` for the forwards run inside; restore it exactly on exit."""
+    composite = get_composite(composite)
+    state = LRPState()
+    first = _first_conv(model)
+    patched: list[nn.Module] = []
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    detach_flags = []
+    try:
+        for name, module in model.named_modules():
+            rule = composite.rule_for(name, module, is_first_layer=module is first)
+            if rule is None:
+                continue
+            kind = module_kind(module)
+            if kind == "linear":
+                fwd = _linear_forward(name, module, rule, state.ledger)
+            elif kind == "conv":
+                fwd = _conv_forward(name, module, rule, state.ledger, input_bounds if module is first else None)
+            elif kind == "norm":
+                fwd = _norm_forward(name, module, rule, state.ledger)
+            elif kind == "elementwise":
+                fwd = _elementwise_forward(module, rule)
+            elif kind == "product":
+                fwd = _product_forward(module, rule)
+            elif kind == "max_pool":
+                fwd = _max_pool_forward(module, rule)
+            elif kind == "mha":
+                fwd = _mha_forward(name, module, rule, composite.by_kind.get("linear", Rule("epsilon")), state.ledger)
+            elif kind == "deform_attn":
+                fwd = _deform_forward(name, module, rule)
+            else:  # pragma: no cover - module_kind and this table are written together
+                raise RuleError(f"no forward for module kind {kind!r}")
+            module.forward = fwd
+            patched.append(module)
+            state.rules[name] = rule
+        patched_ids = {id(m) for m in patched}
+        free = _free_parameters(model, patched_ids)
+        free_ids = {id(p) for _, p in free}
+        for param in model.parameters():
+            # weights need no gradient: only relevance is computed, and the forward keeps less
+            param.requires_grad_(id(param) in free_ids)
+        for pname, param in free:
+            state.ledger.add("embeddings", pname, param)
+        for module in model.modules():
+            if hasattr(module, "detach_query_content"):
+                detach_flags.append((module, module.detach_query_content))
+                module.detach_query_content = False  # the selected query content is part of the decision
+        log.debug("LRP mode: %d modules patched, %d free parameters", len(patched), len(free))
+        yield state
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+        for param in model.parameters():
+            param.requires_grad_(flags.get(id(param), True))
+        for module, value in detach_flags:
+            module.detach_query_content = value

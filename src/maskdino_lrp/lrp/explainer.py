@@ -1,0 +1,351 @@
+"""``LRP(model).explain(image, ...)``: one LRP forward, one chunked batched backward, relevance at every stop."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .composites import Composite, get_composite
+from .engine import EngineError, LRPState, lrp_mode
+from .explanation import Explanation, Level
+from .targets import TargetFn, get_target, parse_queries, select_queries
+
+log = logging.getLogger(__name__)
+
+STOPS = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "mask_features", "query_init",
+         "decoder_layers")
+DEFAULT_STOPS = ("pixels", "encoder_input", "memory")
+# where relevance is complete: every path from the target to the pixels crosses each of these sets once
+CUTS = {
+    "pixels": ("pixels",),
+    "backbone": ("backbone",),
+    "decoder_input": ("memory", "mask_features"),
+}
+_PREDICTOR = "sem_seg_head.predictor"
+
+
+def _check_model(model: nn.Module) -> None:
+    needed = ("backbone", "sem_seg_head", "prepare")
+    missing = [n for n in needed if not hasattr(model, n)]
+    if missing or not hasattr(model.sem_seg_head, "predictor") or not hasattr(model.sem_seg_head, "pixel_decoder"):
+        raise EngineError(
+            f"{type(model).__name__} is not a model the engine recognises: it needs a MaskDINO layout "
+            "(backbone, sem_seg_head.pixel_decoder, sem_seg_head.predictor, prepare()); "
+            "build one with maskdino_lrp.build_model"
+        )
+
+
+@contextlib.contextmanager
+def _record_stops(model: nn.Module, state: LRPState) -> Iterator[None]:
+    """Forward hooks that record the tensors at every stop and turn positional inputs into ledger leaves."""
+    rec = state.records
+    rec.update(encoder_layers=[], decoder_layers=[])
+    head = model.sem_seg_head
+    encoder = head.pixel_decoder.transformer.encoder
+    decoder = head.predictor.decoder
+    handles = []
+
+    def on_backbone(_m, _args, out):
+        rec["backbone"] = dict(out)
+
+    def on_pos(_m, _args, out):  # sine position encoding of the encoder: a constant input
+        return state.ledger.track("positional", "sem_seg_head.pixel_decoder.pe_layer", out)
+
+    def on_encoder(_m, args, kwargs):
+        rec["encoder_input"] = args[0] if args else kwargs["src"]
+        shapes = args[1] if len(args) > 1 else kwargs["spatial_shapes"]
+        rec["spatial_shapes"] = [tuple(int(v) for v in s) for s in shapes]
+
+    def on_predictor(_m, args, kwargs):
+        rec["memory"] = list(args[0] if args else kwargs["x"])
+        rec["mask_features"] = args[1] if len(args) > 1 else kwargs["mask_features"]
+
+    def on_decoder(_m, args, kwargs):
+        rec["query_init"] = args[0] if args else kwargs["tgt"]
+
+    def on_ref_head(_m, args):  # sine embedding of (detached) reference boxes: positional
+        return (state.ledger.track("positional", f"{_PREDICTOR}.decoder.ref_point_head.input", args[0]),) + args[1:]
+
+    def on_decoder_norm(_m, _args, out):
+        rec["decoder_embedding"] = out
+
+    handles.append(model.backbone.register_forward_hook(on_backbone))
+    handles.append(head.pixel_decoder.pe_layer.register_forward_hook(on_pos))
+    handles.append(encoder.register_forward_pre_hook(on_encoder, with_kwargs=True))
+    for layer in encoder.layers:
+        handles.append(layer.register_forward_hook(lambda _m, _a, out: rec["encoder_layers"].append(out)))
+    handles.append(head.predictor.register_forward_pre_hook(on_predictor, with_kwargs=True))
+    handles.append(decoder.register_forward_pre_hook(on_decoder, with_kwargs=True))
+    for layer in decoder.layers:
+        handles.append(layer.register_forward_hook(
+            lambda _m, _a, out: rec["decoder_layers"].append(out[0] if isinstance(out, tuple) else out)))
+    if getattr(decoder, "ref_point_head", None) is not None:
+        handles.append(decoder.ref_point_head.register_forward_pre_hook(on_ref_head))
+    handles.append(head.predictor.decoder_norm.register_forward_hook(on_decoder_norm))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Session:
+    """One image after the LRP forward: the prototype's prepare → forward → backward → cleanup flow."""
+
+    lrp: "LRP"
+    prepared: Any
+    outputs: dict
+    state: LRPState
+    probe: torch.Tensor
+    detections: Any
+    levels: list[Level]
+    forward_seconds: float
+    _closed: bool = field(default=False, repr=False)
+
+    def backward(self, queries: Any = "topk:5", target: str | TargetFn = "class",
+                 stops: Sequence[str] = DEFAULT_STOPS, keep_channels: bool = False) -> Explanation:
+        """Relevance of the chosen queries' targets at the chosen stops (chunked, batched backward)."""
+        if self._closed:
+            raise EngineError("this session was cleaned up; call LRP.prepare(image) again")
+        stops = _check_stops(stops)
+        target_name, target_fn = get_target(target)
+        model = self.lrp.model
+        logits = self.outputs["pred_logits"][0].detach()
+        qs, labels = select_queries(parse_queries(queries), self.detections, logits.shape[0], logits)
+        if qs.numel() == 0:
+            raise EngineError(f"query selection {queries!r} selected no query (no detection passes it); "
+                              "try topk:N or explicit indices")
+        values = target_fn(self.outputs, qs, labels)
+        if values.shape != qs.shape:
+            raise EngineError(f"target {target_name!r} must return one value per query, got shape {tuple(values.shape)}")
+        if not values.requires_grad:
+            raise EngineError(f"target {target_name!r} does not depend on the model's computation graph")
+        start = time.perf_counter()
+        inputs, reducers = self._inputs(stops)
+        sums = _batched_relevance(values, inputs, reducers, self.lrp.chunk_size)
+        backward_seconds = time.perf_counter() - start
+        relevance = {k: v for k, v in sums.items() if not k.startswith(("ledger:", "channels:", "padding"))}
+        channels = {k[len("channels:"):]: v for k, v in sums.items() if k.startswith("channels:")} if keep_channels else {}
+        conservation = self._conservation(values.detach(), sums, stops)
+        return Explanation(
+            queries=qs, labels=labels, target=target_name, target_values=values.detach(), relevance=relevance,
+            levels=self.levels, conservation=conservation, detections=self._query_info(qs, labels),
+            image=self.prepared.rgb, input_size=tuple(self.prepared.resized_size),
+            composite=self.lrp.composite.name, channel_relevance=channels,
+            meta={"forward_seconds": self.forward_seconds, "backward_seconds": backward_seconds,
+                  "num_queries_total": int(logits.shape[0])},
+        )
+
+    # ------------------------------------------------------------------ stops → autograd inputs
+    def _inputs(self, stops: Sequence[str]) -> tuple[list[torch.Tensor], list[tuple[str, Callable]]]:
+        rec = self.state.records
+        rh, rw = self.prepared.resized_size
+        inputs: list[torch.Tensor] = []
+        reducers: list[tuple[str, Callable]] = []
+
+        def add(key: str, tensor: torch.Tensor, reduce: Callable) -> None:
+            inputs.append(tensor)
+            reducers.append((key, reduce))
+
+        tokens_bt = lambda r: r.sum(-1).flatten(1)  # (k, B=1, T, C) -> (k, T)
+        tokens_tb = lambda r: r.sum(-1)[:, :, 0]  # (k, T, B=1, C) -> (k, T)
+        if "pixels" in stops:
+            add("pixels", self.probe, lambda r: r.sum(2)[:, 0, :rh, :rw])
+            add("padding", self.probe, lambda r: r.sum((1, 2, 3, 4)) - r.sum(2)[:, 0, :rh, :rw].sum((1, 2)))
+        if "backbone" in stops:
+            for name, t in rec["backbone"].items():
+                add(f"backbone.{name}", t, lambda r: r.sum(2)[:, 0])
+        if "encoder_input" in stops:
+            add("encoder_input", rec["encoder_input"], tokens_bt)
+        if "encoder_layers" in stops:
+            for i, t in enumerate(rec["encoder_layers"]):
+                add(f"encoder_layer{i}", t, tokens_bt)
+        if "memory" in stops:
+            order = self._memory_order()
+            for level_index, t in order:
+                add(f"memory@{level_index}", t, lambda r: r.sum(2)[:, 0].flatten(1))
+        if "mask_features" in stops:
+            add("mask_features", rec["mask_features"], lambda r: r.sum(2)[:, 0])
+        if "query_init" in stops:
+            add("query_init", rec["query_init"], tokens_tb)
+        if "decoder_layers" in stops:
+            for i, t in enumerate(rec["decoder_layers"]):
+                add(f"decoder_layer{i}", t, tokens_tb)
+        if self.lrp.keep_channels:
+            for key in [k for k, _ in reducers if k in ("encoder_input", "query_init") or k.startswith(("encoder_layer", "decoder_layer"))]:
+                idx = [k for k, _ in reducers].index(key)
+                add(f"channels:{key}", inputs[idx], lambda r: r[:, 0] if r.shape[2] == 1 else r[:, :, 0])
+        for category, name, leaf in self._ledger_for(stops):
+            add(f"ledger:{category}:{name}", leaf, lambda r: r.flatten(1).sum(1))
+        return inputs, reducers
+
+    def _memory_order(self) -> list[tuple[int, torch.Tensor]]:
+        """Decoder memory maps matched to encoder levels by size (the decoder reverses level order)."""
+        maps = self.state.records["memory"]
+        out = []
+        for i, lv in enumerate(self.levels):
+            match = [t for t in maps if tuple(t.shape[-2:]) == (lv.height, lv.width)]
+            if match:
+                out.append((i, match[0]))
+        return out
+
+    def _ledger_for(self, stops: Sequence[str]):
+        """Ledger leaves downstream of the deepest requested stop (so autograd goes no deeper than asked)."""
+        entries = self.state.ledger.entries
+        if "pixels" in stops:
+            return entries
+        if any(s in stops for s in ("backbone", "encoder_input", "encoder_layers")):
+            return [e for e in entries if not e[1].startswith("backbone.")]
+        return [e for e in entries if e[1].startswith(_PREDICTOR)]
+
+    # ------------------------------------------------------------------ report
+    def _conservation(self, values: torch.Tensor, sums: dict[str, torch.Tensor], stops) -> dict[str, dict[str, torch.Tensor]]:
+        def ledger(category: str, exclude: tuple[str, ...] = (), only: str | None = None) -> torch.Tensor:
+            total = torch.zeros_like(values)
+            for key, v in sums.items():
+                if not key.startswith(f"ledger:{category}:"):
+                    continue
+                name = key.split(":", 2)[2]
+                if name.startswith(exclude) or (only is not None and not name.startswith(only)):
+                    continue
+                total = total + v
+            return total
+
+        report = {}
+        for cut, needed in CUTS.items():
+            if not all(s in stops for s in needed):
+                continue
+            if cut == "pixels":
+                total = sums["pixels"].flatten(1).sum(1) + sums["padding"]
+                kw: dict = {}
+            elif cut == "backbone":
+                total = sum(v.flatten(1).sum(1) for k, v in sums.items() if k.startswith("backbone."))
+                kw = {"exclude": ("backbone.",)}
+            else:
+                total = sum(v.flatten(1).sum(1) for k, v in sums.items() if k.startswith("memory@")) \
+                    + sums["mask_features"].flatten(1).sum(1)
+                kw = {"only": _PREDICTOR}
+            row = {"target": values, "total": total}
+            for category in ("bias", "embeddings", "positional"):
+                row[category] = ledger(category, **kw)
+            row["residual"] = values - total - row["bias"] - row["embeddings"] - row["positional"]
+            if cut == "pixels":
+                row["padding"] = sums["padding"]
+            report[cut] = row
+        return report
+
+    def _query_info(self, qs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+        model = self.lrp.model
+        out = self.outputs
+        masks = model.masks_to_image(out["pred_masks"][0, qs].detach(), self.prepared)
+        boxes = model.boxes_to_image(out["pred_boxes"][0, qs].detach(), self.prepared)
+        cls = out["pred_logits"][0, qs, labels].detach().sigmoid()
+        binary = masks > 0
+        mask_score = (masks.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+        names = getattr(model, "class_names", [])
+        info = []
+        for i, (q, label) in enumerate(zip(qs.tolist(), labels.tolist())):
+            info.append({
+                "query": q, "label": label, "class": names[label] if label < len(names) else str(label),
+                "class_score": float(cls[i]), "score": float(cls[i] * mask_score[i]),
+                "box": [float(v) for v in boxes[i]], "mask": binary[i].cpu().numpy(),
+            })
+        return info
+
+    def cleanup(self) -> None:
+        """Release the graph and recorded tensors."""
+        self.outputs.clear()
+        self.state.records.clear()
+        self.state.ledger.entries.clear()
+        self._closed = True
+
+
+def _check_stops(stops: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(stops, str):
+        stops = [s.strip() for s in stops.split(",") if s.strip()]
+    bad = [s for s in stops if s not in STOPS]
+    if bad:
+        raise EngineError(f"unknown stop {bad[0]!r}; stops: {', '.join(STOPS)}")
+    if not stops:
+        raise EngineError(f"no stops given; choose from {', '.join(STOPS)}")
+    return tuple(stops)
+
+
+def _batched_relevance(values: torch.Tensor, inputs: list[torch.Tensor], reducers: list[tuple[str, Callable]],
+                       chunk_size: int | None) -> dict[str, torch.Tensor]:
+    """Relevance (gradient × input) of every target at every input, one backward per chunk of targets."""
+    k = values.numel()
+    chunk = k if not chunk_size else max(1, int(chunk_size))
+    eye = torch.eye(k, dtype=values.dtype, device=values.device)
+    pieces: dict[str, list[torch.Tensor]] = {key: [] for key, _ in reducers}
+    for begin in range(0, k, chunk):
+        rows = eye[begin: begin + chunk]
+        last = begin + chunk >= k
+        grads = torch.autograd.grad(values, inputs, grad_outputs=rows, is_grads_batched=True,
+                                    retain_graph=not last, allow_unused=True)
+        for (key, reduce), x, g in zip(reducers, inputs, grads):
+            if g is None:
+                g = torch.zeros((rows.shape[0], *x.shape), dtype=x.dtype, device=x.device)
+            pieces[key].append(reduce(x.detach()[None] * g).detach())
+        del grads
+    return {key: torch.cat(parts) for key, parts in pieces.items()}
+
+
+class LRP:
+    """Layer-wise Relevance Propagation for a MaskDINO.
+
+    >>> lrp = LRP(model, composite="default")
+    >>> explanation = lrp.explain("image.png", queries="topk:5", target="class", stops=["pixels", "memory"])
+    """
+
+    def __init__(self, model: nn.Module, composite: str | Composite = "default", chunk_size: int | None = 16,
+                 keep_channels: bool = False):
+        _check_model(model)
+        self.model = model.eval()
+        self.composite = get_composite(composite)
+        self.chunk_size = chunk_size
+        self.keep_channels = keep_channels
+
+    def _input_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = self.model.pixel_mean, self.model.pixel_std
+        low = ((0.0 - mean) / std).expand_as(x[0])[None].expand_as(x)
+        high = ((255.0 - mean) / std).expand_as(x[0])[None].expand_as(x)
+        return low.contiguous(), high.contiguous()
+
+    def prepare(self, image: Any, channel_order: str = "RGB") -> Session:
+        """Pre-process ``image`` and run the LRP forward; returns a session for :meth:`Session.backward`."""
+        prepared = self.model.prepare(image, channel_order)
+        x = prepared.tensor
+        probe = torch.ones_like(x, requires_grad=True)  # gradient × input at the probe = pixel relevance
+        bounds = self._input_bounds(x)
+        start = time.perf_counter()
+        with torch.enable_grad(), lrp_mode(self.model, self.composite, input_bounds=lambda: bounds) as state, \
+                _record_stops(self.model, state):
+            outputs = self.model(x * probe)
+        forward_seconds = time.perf_counter() - start
+        outputs["decoder_embedding"] = state.records.get("decoder_embedding")
+        detections = self.model.postprocess(outputs, prepared)
+        shapes = state.records.get("spatial_shapes", [])
+        hp = x.shape[-2]
+        levels, start_index = [], 0
+        for h, w in shapes:
+            stride = int(round(hp / h))
+            levels.append(Level(f"stride{stride}", stride, h, w, start_index))
+            start_index += h * w
+        return Session(self, prepared, outputs, state, probe, detections, levels, forward_seconds)
+
+    def explain(self, image: Any, queries: Any = "topk:5", target: str | TargetFn = "class",
+                stops: Sequence[str] = DEFAULT_STOPS, channel_order: str = "RGB") -> Explanation:
+        """Explain the chosen queries of ``image``: prepare, forward, backward, cleanup in one call."""
+        session = self.prepare(image, channel_order)
+        try:
+            return session.backward(queries, target, stops)
+        finally:
+            session.cleanup()

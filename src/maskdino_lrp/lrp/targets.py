@@ -1,0 +1,135 @@
+"""What is explained: which queries, and which scalar of each query's prediction."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+TargetFn = Callable[[Mapping[str, Any], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TargetError(ValueError):
+    """A query selection or target that cannot be used."""
+
+
+# ----------------------------------------------------------------------------- queries
+@dataclass(frozen=True)
+class QuerySpec:
+    """A parsed query selection: ``topk:N``, ``thr:T``, explicit indices, or ``all``."""
+
+    kind: str  # "topk" | "thr" | "indices" | "all"
+    value: Any = None
+
+    def __str__(self) -> str:
+        if self.kind == "indices":
+            return ",".join(str(i) for i in self.value)
+        return self.kind if self.value is None else f"{self.kind}:{self.value}"
+
+
+def parse_queries(spec: str | int | Sequence[int] | QuerySpec) -> QuerySpec:
+    """Parse a query selection; raises TargetError with the accepted forms on a bad spec."""
+    if isinstance(spec, QuerySpec):
+        return spec
+    if isinstance(spec, bool):
+        raise TargetError(f"query spec {spec!r} does not parse")
+    if isinstance(spec, int):
+        return QuerySpec("indices", (spec,))
+    if isinstance(spec, (list, tuple)) or (isinstance(spec, torch.Tensor) and spec.ndim == 1):
+        values = [int(v) for v in spec]
+        if not values:
+            raise TargetError("query list is empty; give at least one query index")
+        return QuerySpec("indices", tuple(values))
+    text = str(spec).strip().lower()
+    hint = "use topk:N, thr:0.5, a comma list of query indices like 3,7, or all"
+    if text == "all":
+        return QuerySpec("all")
+    if m := re.fullmatch(r"topk:(\d+)", text):
+        n = int(m.group(1))
+        if n < 1:
+            raise TargetError(f"query spec {spec!r}: N must be >= 1; {hint}")
+        return QuerySpec("topk", n)
+    if m := re.fullmatch(r"(?:thr|threshold):([0-9]*\.?[0-9]+)", text):
+        t = float(m.group(1))
+        if not 0.0 <= t <= 1.0:
+            raise TargetError(f"query spec {spec!r}: the score threshold must lie in [0, 1]; {hint}")
+        return QuerySpec("thr", t)
+    if re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+        return QuerySpec("indices", tuple(int(v) for v in text.split(",")))
+    raise TargetError(f"query spec {spec!r} does not parse; {hint}")
+
+
+def select_queries(spec: QuerySpec, detections, num_queries: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query indices, class labels) to explain, from post-processed detections or raw logits (Q, C)."""
+    best_label = logits.argmax(-1)
+    if spec.kind == "all":
+        queries = torch.arange(num_queries)
+        return queries, best_label[queries]
+    if spec.kind == "indices":
+        bad = [q for q in spec.value if not 0 <= q < num_queries]
+        if bad:
+            raise TargetError(f"query index {bad[0]} is out of range: the model has {num_queries} queries (0..{num_queries - 1})")
+        queries = torch.tensor(spec.value, dtype=torch.long)
+        return queries, best_label[queries]
+    # detections are sorted by score; a query may appear with several classes: keep its best
+    seen: dict[int, int] = {}
+    for q, label, score in zip(detections.query_indices.tolist(), detections.labels.tolist(), detections.scores.tolist()):
+        if spec.kind == "thr" and score < spec.value:
+            break
+        if q not in seen:
+            seen[q] = label
+        if spec.kind == "topk" and len(seen) == spec.value:
+            break
+    queries = torch.tensor(list(seen), dtype=torch.long)
+    labels = torch.tensor(list(seen.values()), dtype=torch.long)
+    return queries, labels
+
+
+# ----------------------------------------------------------------------------- targets
+def class_target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The class logit of each query for its label."""
+    return outputs["pred_logits"][0, queries, labels]
+
+
+def box_target(coord: int | None = None) -> TargetFn:
+    """One box coordinate (0..3: cx, cy, w, h) of each query, or the sum of all four."""
+
+    def target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        boxes = outputs["pred_boxes"][0, queries]
+        return boxes.sum(-1) if coord is None else boxes[:, coord]
+
+    target.__name__ = "box" if coord is None else f"box:{coord}"
+    return target
+
+
+def mask_target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of each query's mask logits inside its own predicted mask (logit > 0)."""
+    logits = outputs["pred_masks"][0, queries]
+    inside = (logits > 0).to(logits.dtype).detach()
+    return (logits * inside).flatten(1).sum(1)
+
+
+def embedding_target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of each query's final decoder embedding: relevance starts as the activation itself."""
+    emb = outputs["decoder_embedding"]  # (B, Q, C), recorded by the engine
+    return emb[0, queries].sum(-1)
+
+
+TARGETS: dict[str, TargetFn] = {
+    "class": class_target,
+    "box": box_target(None),
+    "mask": mask_target,
+    "embedding": embedding_target,
+}
+for _i, _name in enumerate(("cx", "cy", "w", "h")):
+    TARGETS[f"box:{_name}"] = box_target(_i)
+
+
+def get_target(target: str | TargetFn) -> tuple[str, TargetFn]:
+    """(name, function) of a target given by name or as a callable ``fn(outputs, queries, labels) -> (K,)``."""
+    if callable(target):
+        return getattr(target, "__name__", "custom"), target
+    if target not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or pass a callable")
+    return target, TARGETS[target]
