@@ -33,7 +33,7 @@ def parse_queries(spec: str | int | Sequence[int] | QuerySpec) -> QuerySpec:
     if isinstance(spec, QuerySpec):
         return spec
     if isinstance(spec, bool):
-        raise TargetError(f"query spec {spec!r} does not parse")
+        raise TargetError(f"query spec {spec!r} does not parse; use topk:N, thr:0.5, 3,7 or all")
     if isinstance(spec, int):
         return QuerySpec("indices", (spec,))
     if isinstance(spec, (list, tuple)) or (isinstance(spec, torch.Tensor) and spec.ndim == 1):
