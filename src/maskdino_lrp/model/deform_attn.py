@@ -1,0 +1,251 @@
+"""Multi-scale deformable attention (Deformable DETR / MaskDINO), pure PyTorch.
+
+The module keeps the official parameter names (``sampling_offsets``, ``attention_weights``,
+``value_proj``, ``output_proj``) so official checkpoints load unchanged. Its forward is composed of
+small public functions, so that other code (the LRP engine) can re-compose the same computation with
+different backward rules:
+
+1. :func:`sampling_offsets_and_logits` — the query's linear heads: offsets and pre-softmax logits;
+   :func:`sampling_locations` — reference points + scaled offsets, normalised to [0, 1];
+   :func:`attention_softmax` — softmax over levels × points per head;
+   :func:`sampling_locations_and_weights` — all three at once.
+2. :func:`sample_values` — bilinear sampling of the per-head values at the locations
+   (linear in ``value``; our own gather-based sampler, equal to
+   ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``).
+3. :func:`weighted_sum` — Σ over levels and points of attention weight × sampled value.
+
+``ms_deform_attn_core`` = 2 + 3, the equivalent of the official ``ms_deform_attn_core_pytorch``.
+Everything is indexing / gather / elementwise: no Python loop over queries (only over levels and
+the four bilinear corners), so it works under ``torch.func.vmap``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MSDeformAttn",
+    "sampling_offsets_and_logits",
+    "sampling_locations",
+    "attention_softmax",
+    "sampling_locations_and_weights",
+    "bilinear_corners",
+    "sample_values",
+    "weighted_sum",
+    "ms_deform_attn_core",
+]
+
+
+def _shape_list(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """(L, 2) tensor or sequence of (H, W) → list of Python int pairs (shapes are never on the relevance path)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def _shape_tensor(spatial_shapes: torch.Tensor | Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes.to(device)
+    return torch.as_tensor([list(s) for s in spatial_shapes], dtype=torch.long, device=device)
+
+
+# ----------------------------------------------------------------------------- step 1: where and how much
+def sampling_offsets_and_logits(module: "MSDeformAttn", query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw offsets (N, Lq, H, L, P, 2) in pixels of each level, and attention logits (N, Lq, H, L*P)."""
+    n, len_q, _ = query.shape
+    h, l, p = module.n_heads, module.n_levels, module.n_points
+    offsets = module.sampling_offsets(query).view(n, len_q, h, l, p, 2)
+    logits = module.attention_weights(query).view(n, len_q, h, l * p)
+    return offsets, logits
+
+
+def attention_softmax(module: "MSDeformAttn", logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the L*P samples of each head → (N, Lq, H, L, P)."""
+    n, len_q = logits.shape[:2]
+    return F.softmax(logits, -1).view(n, len_q, module.n_heads, module.n_levels, module.n_points)
+
+
+def sampling_locations(module: "MSDeformAttn", reference_points: torch.Tensor, offsets: torch.Tensor,
+                       spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+    """Sampling locations (N, Lq, H, L, P, 2) as (x, y) in [0, 1] of each level.
+
+    ``reference_points`` is (N, Lq, L, 2) — points, offsets scaled by 1/(W, H) of each level — or
+    (N, Lq, L, 4) — boxes (cx, cy, w, h), offsets scaled by box size · 0.5 / n_points.
+    """
+    last = reference_points.shape[-1]
+    if last == 2:
+        shapes = _shape_tensor(spatial_shapes, reference_points.device)
+        normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)  # (L, 2) as (W, H)
+        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    if last == 4:
+        return reference_points[:, :, None, :, None, :2] \
+            + offsets / module.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+    raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}")
+
+
+def sampling_locations_and_weights(module: "MSDeformAttn", query: torch.Tensor, reference_points: torch.Tensor,
+                                   spatial_shapes: torch.Tensor | Sequence[Sequence[int]]
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sampling_locations (N, Lq, H, L, P, 2) in [0, 1], attention_weights (N, Lq, H, L, P) after softmax)."""
+    offsets, logits = sampling_offsets_and_logits(module, query)
+    return sampling_locations(module, reference_points, offsets, spatial_shapes), attention_softmax(module, logits)
+
+
+# ----------------------------------------------------------------------------- step 2: bilinear sampling
+def bilinear_corners(locations: torch.Tensor, height: int, width: int
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The four bilinear corners of normalised (x, y) locations on an H×W map.
+
+    Returns ``[(flat_index, weight), ...]`` for the corners (top-left, top-right, bottom-left,
+    bottom-right); ``flat_index = y·W + x`` is clamped into the map and ``weight`` (the bilinear
+    weight) is zero for a corner outside the map — zero padding, as ``grid_sample`` with
+    ``align_corners=False``: pixel centres sit at (i + 0.5) / size.
+    """
+    grid = 2 * locations - 1  # grid_sample's [-1, 1] convention, as the official code builds it
+    x = (grid[..., 0] + 1) * (width / 2) - 0.5
+    y = (grid[..., 1] + 1) * (height / 2) - 0.5
+    x0 = torch.floor(x)
+    y0 = torch.floor(y)
+    dx = x - x0  # weight of the right column
+    dy = y - y0  # weight of the bottom row
+    wx = (1 - dx, dx)
+    wy = (1 - dy, dy)
+    x0i = x0.long()
+    y0i = y0.long()
+    corners = []
+    for oy in (0, 1):
+        for ox in (0, 1):
+            xi = x0i + ox
+            yi = y0i + oy
+            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+            weight = wy[oy] * wx[ox] * inside.to(locations.dtype)
+            index = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
+            corners.append((index, weight))
+    return corners
+
+
+def _sample_level(value_l: torch.Tensor, locations_l: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """value_l (N, H*W, M, D), locations_l (N, Lq, M, P, 2) → (N, Lq, M, P, D)."""
+    n, hw, m, d = value_l.shape
+    _, len_q, _, p, _ = locations_l.shape
+    # one flat table of rows per (batch, head): row (b·M + h)·HW + pixel
+    table = value_l.transpose(1, 2).reshape(n * m * hw, d)
+    base = (torch.arange(n, device=value_l.device).view(n, 1, 1, 1) * m
+            + torch.arange(m, device=value_l.device).view(1, 1, m, 1)) * hw  # (N, 1, M, 1)
+    out = None
+    for index, weight in bilinear_corners(locations_l, height, width):
+        rows = (index + base).reshape(-1)
+        gathered = table.index_select(0, rows).view(n, len_q, m, p, d)
+        term = gathered * weight[..., None]
+        out = term if out is None else out + term
+    return out
+
+
+def sample_values(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
+                  level_start_index: torch.Tensor | Sequence[int] | None,
+                  sampling_locations: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sampled values (N, Lq, H, L, P, D) from ``value`` (N, Len_in, H, D); linear in ``value``.
+
+    ``sampling_locations`` (N, Lq, H, L, P, 2) holds (x, y) in [0, 1] per level; a sample outside a map
+    gets zero from the outside corners, exactly as ``grid_sample(..., padding_mode="zeros",
+    align_corners=False)``. ``level_start_index`` may be None (then it follows from the shapes).
+    """
+    shapes = _shape_list(spatial_shapes)
+    if level_start_index is None:
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+    else:
+        starts = [int(s) for s in (level_start_index.tolist() if isinstance(level_start_index, torch.Tensor)
+                                   else level_start_index)]
+    per_level = []
+    for lvl, (h, w) in enumerate(shapes):
+        value_l = value[:, starts[lvl]:starts[lvl] + h * w]
+        per_level.append(_sample_level(value_l, sampling_locations[:, :, :, lvl], h, w))
+    return torch.stack(per_level, dim=3)
+
+
+# ----------------------------------------------------------------------------- step 3: weighted sum
+def weighted_sum(sampled: torch.Tensor, attention_weights: torch.Tensor,
+                 product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Σ_{levels, points} attention_weights · sampled → (N, Lq, H*D), heads concatenated (head-major).
+
+    ``product(a, b)``, if given, replaces the elementwise product; it receives two tensors of the same
+    shape (N, Lq, H, L, P, D) (the weights broadcast by ``expand``).
+    """
+    n, len_q, m, l, p, d = sampled.shape
+    weights = attention_weights[..., None].expand(n, len_q, m, l, p, d)
+    prod = sampled * weights if product is None else product(sampled, weights)
+    return prod.sum(dim=(3, 4)).reshape(n, len_q, m * d)
+
+
+def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
+                        level_start_index: torch.Tensor | Sequence[int] | None, sampling_locations: torch.Tensor,
+                        attention_weights: torch.Tensor) -> torch.Tensor:
+    """Deformable attention core: value (N, Len_in, H, D) → (N, Lq, H*D) (before ``output_proj``)."""
+    return weighted_sum(sample_values(value, spatial_shapes, level_start_index, sampling_locations), attention_weights)
+
+
+# ----------------------------------------------------------------------------- the module
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention, batch-first, with the official parameter names."""
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        per_head = d_model // n_heads
+        if per_head & (per_head - 1):
+            warnings.warn("MSDeformAttn: a per-head dimension that is a power of 2 is usual (CUDA kernel efficiency)")
+        self.im2col_step = 128  # kept for parity with the official attribute set; unused here
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Official initialisation: offsets start on a ring of directions, one per head, scaled by point index."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        scale = torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        grid = directions.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1) * scale
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def project_values(self, input_flatten: torch.Tensor, input_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """value_proj, zero at padding, split into heads → (N, Len_in, H, D)."""
+        n, len_in, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        return value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
+                input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
+                input_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query (N, Lq, C), reference_points (N, Lq, L, 2|4), input_flatten (N, ΣHW, C) → (N, Lq, C)."""
+        shapes = _shape_list(input_spatial_shapes)
+        if sum(h * w for h, w in shapes) != input_flatten.shape[1]:
+            raise ValueError(f"spatial shapes {shapes} do not cover {input_flatten.shape[1]} input tokens")
+        value = self.project_values(input_flatten, input_padding_mask)
+        locations, weights = sampling_locations_and_weights(self, query, reference_points, input_spatial_shapes)
+        out = ms_deform_attn_core(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        return self.output_proj(out)
