@@ -70,7 +70,7 @@ def _linear_rule(rule: Rule, x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def _conv_rule(rule: Rule, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
-               input_bounds: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+               pixels: "PixelInput | None") -> torch.Tensor:
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
     if rule.name == "epsilon":
         return rules.conv2d_epsilon(x, weight, bias, *geometry, rule.params.get("epsilon", 1e-6))
@@ -78,13 +78,23 @@ def _conv_rule(rule: Rule, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         return rules.conv2d_gamma(x, weight, bias, *geometry, rule.params.get("gamma", 0.25))
     if rule.name == "zplus":
         return rules.conv2d_zplus(x, weight, bias, *geometry)
-    if rule.name == "flat":
-        return rules.conv2d_flat(x, weight, bias, *geometry)
-    if rule.name == "zbox":
-        if input_bounds is None:
-            raise EngineError("the zbox rule needs the input range (low, high) of the first layer")
-        return rules.conv2d_zbox(x, weight, bias, *geometry, *input_bounds)
+    if rule.name in ("flat", "zbox"):
+        if pixels is None or pixels.value.shape != x.shape:
+            raise EngineError(f"the {rule.name} rule applies to the layer that sees the pixels only")
+        if rule.name == "flat":
+            return rules.conv2d_flat(pixels.probe, pixels.value, weight, bias, *geometry)
+        return rules.conv2d_zbox(pixels.probe, pixels.value, weight, bias, *geometry, pixels.low, pixels.high)
     return F.conv2d(x, weight, bias, *geometry)
+
+
+@dataclass
+class PixelInput:
+    """The model input as the first layer's rules see it: value, relevance probe (ones), and value bounds."""
+
+    value: torch.Tensor
+    probe: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
 
 
 def _linear_forward(name: str, module: nn.Linear, rule: Rule, ledger: Ledger) -> Callable:
@@ -94,7 +104,7 @@ def _linear_forward(name: str, module: nn.Linear, rule: Rule, ledger: Ledger) ->
     return forward
 
 
-def _conv_forward(name: str, module: nn.Conv2d, rule: Rule, ledger: Ledger, bounds: Callable | None) -> Callable:
+def _conv_forward(name: str, module: nn.Conv2d, rule: Rule, ledger: Ledger, pixels: PixelInput | None) -> Callable:
     """A conv (detectron2 style: optional ``norm`` and ``activation`` attributes); frozen BN is folded in."""
     norm = getattr(module, "norm", None)
     fold = _is_frozen_bn(norm)
@@ -104,8 +114,7 @@ def _conv_forward(name: str, module: nn.Conv2d, rule: Rule, ledger: Ledger, boun
         if fold:
             weight, bias = rules.fold_batchnorm(weight, bias, norm.weight, norm.bias, norm.running_mean,
                                                 norm.running_var, getattr(norm, "eps", 1e-5))
-        y = _conv_rule(rule, x, weight, ledger.track("bias", f"{name}.bias", bias), module,
-                       bounds() if bounds is not None else None)
+        y = _conv_rule(rule, x, weight, ledger.track("bias", f"{name}.bias", bias), module, pixels)
         if norm is not None and not fold:
             y = norm(y)
         activation = getattr(module, "activation", None)
@@ -271,7 +280,7 @@ def _free_parameters(model: nn.Module, patched: set[int]) -> list[tuple[str, nn.
 
 @contextlib.contextmanager
 def lrp_mode(model: nn.Module, composite: str | Composite = "default",
-             input_bounds: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[LRPState]:
+             pixels: PixelInput | None = None) -> Iterator[LRPState]:
     """Attach the composite's rules to ``model`` for the forwards run inside; restore it exactly on exit."""
     composite = get_composite(composite)
     state = LRPState()
@@ -288,7 +297,7 @@ def lrp_mode(model: nn.Module, composite: str | Composite = "default",
             if kind == "linear":
                 fwd = _linear_forward(name, module, rule, state.ledger)
             elif kind == "conv":
-                fwd = _conv_forward(name, module, rule, state.ledger, input_bounds if module is first else None)
+                fwd = _conv_forward(name, module, rule, state.ledger, pixels if module is first else None)
             elif kind == "norm":
                 fwd = _norm_forward(name, module, rule, state.ledger)
             elif kind == "elementwise":

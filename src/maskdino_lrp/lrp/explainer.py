@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .composites import Composite, get_composite
-from .engine import EngineError, LRPState, lrp_mode
+from .engine import EngineError, LRPState, PixelInput, lrp_mode
 from .explanation import Explanation, Level
 from .targets import TargetFn, get_target, parse_queries, select_queries
 
@@ -72,8 +72,8 @@ def _record_stops(model: nn.Module, state: LRPState) -> Iterator[None]:
     def on_ref_head(_m, args):  # sine embedding of (detached) reference boxes: positional
         return (state.ledger.track("positional", f"{_PREDICTOR}.decoder.ref_point_head.input", args[0]),) + args[1:]
 
-    def on_decoder_norm(_m, _args, out):
-        rec["decoder_embedding"] = out
+    def on_decoder_norm(_m, _args, out):  # (Q, B, C); the last call is the final prediction head's
+        rec["decoder_embedding"] = out.transpose(0, 1)
 
     handles.append(model.backbone.register_forward_hook(on_backbone))
     handles.append(head.pixel_decoder.pe_layer.register_forward_hook(on_pos))
@@ -324,9 +324,10 @@ class LRP:
         prepared = self.model.prepare(image, channel_order)
         x = prepared.tensor
         probe = torch.ones_like(x, requires_grad=True)  # gradient × input at the probe = pixel relevance
-        bounds = self._input_bounds(x)
+        low, high = self._input_bounds(x)
+        pixels = PixelInput(x, probe, low, high)
         start = time.perf_counter()
-        with torch.enable_grad(), lrp_mode(self.model, self.composite, input_bounds=lambda: bounds) as state, \
+        with torch.enable_grad(), lrp_mode(self.model, self.composite, pixels) as state, \
                 _record_stops(self.model, state):
             outputs = self.model(x * probe)
         forward_seconds = time.perf_counter() - start
