@@ -16,3 +16,11 @@ def fixture_dir(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared fixture {path} not present")
     return path
+
+
+def pytest_configure(config):
+    # One intra-op thread: on a 2-core machine shared with other work, OpenMP threads that
+    # oversubscribe the cores make small ops orders of magnitude slower.
+    import torch
+
+    torch.set_num_threads(1)

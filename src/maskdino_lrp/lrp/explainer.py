@@ -110,8 +110,11 @@ class Session:
     _closed: bool = field(default=False, repr=False)
 
     def backward(self, queries: Any = "topk:5", target: str | TargetFn = "class",
-                 stops: Sequence[str] = DEFAULT_STOPS, keep_channels: bool = False) -> Explanation:
-        """Relevance of the chosen queries' targets at the chosen stops (chunked, batched backward)."""
+                 stops: Sequence[str] = DEFAULT_STOPS, retain_graph: bool = True) -> Explanation:
+        """Relevance of the chosen queries' targets at the chosen stops (chunked, batched backward).
+
+        The graph is kept for further calls unless ``retain_graph=False`` (the last call).
+        """
         if self._closed:
             raise EngineError("this session was cleaned up; call LRP.prepare(image) again")
         stops = _check_stops(stops)
@@ -129,10 +132,10 @@ class Session:
             raise EngineError(f"target {target_name!r} does not depend on the model's computation graph")
         start = time.perf_counter()
         inputs, reducers = self._inputs(stops)
-        sums = _batched_relevance(values, inputs, reducers, self.lrp.chunk_size)
+        sums = _batched_relevance(values, inputs, reducers, self.lrp.chunk_size, retain_graph)
         backward_seconds = time.perf_counter() - start
         relevance = {k: v for k, v in sums.items() if not k.startswith(("ledger:", "channels:", "padding"))}
-        channels = {k[len("channels:"):]: v for k, v in sums.items() if k.startswith("channels:")} if keep_channels else {}
+        channels = {k[len("channels:"):]: v for k, v in sums.items() if k.startswith("channels:")}
         conservation = self._conservation(values.detach(), sums, stops)
         return Explanation(
             queries=qs, labels=labels, target=target_name, target_values=values.detach(), relevance=relevance,
@@ -182,8 +185,9 @@ class Session:
             for key in [k for k, _ in reducers if k in ("encoder_input", "query_init") or k.startswith(("encoder_layer", "decoder_layer"))]:
                 idx = [k for k, _ in reducers].index(key)
                 add(f"channels:{key}", inputs[idx], lambda r: r[:, 0] if r.shape[2] == 1 else r[:, :, 0])
-        for category, name, leaf in self._ledger_for(stops):
-            add(f"ledger:{category}:{name}", leaf, lambda r: r.flatten(1).sum(1))
+        for i, (category, name, leaf) in enumerate(self._ledger_for(stops)):
+            # a module called several times (a shared norm, a per-level encoding) tracks one leaf per call
+            add(f"ledger:{category}:{name}#{i}", leaf, lambda r: r.flatten(1).sum(1))
         return inputs, reducers
 
     def _memory_order(self) -> list[tuple[int, torch.Tensor]]:
@@ -212,7 +216,7 @@ class Session:
             for key, v in sums.items():
                 if not key.startswith(f"ledger:{category}:"):
                     continue
-                name = key.split(":", 2)[2]
+                name = key.split(":", 2)[2].rsplit("#", 1)[0]
                 if name.startswith(exclude) or (only is not None and not name.startswith(only)):
                     continue
                 total = total + v
@@ -226,8 +230,10 @@ class Session:
                 total = sums["pixels"].flatten(1).sum(1) + sums["padding"]
                 kw: dict = {}
             elif cut == "backbone":
-                total = sum(v.flatten(1).sum(1) for k, v in sums.items() if k.startswith("backbone."))
-                kw = {"exclude": ("backbone.",)}
+                # backbone stages are chained: the shallowest feature already carries everything above it
+                first = min((k for k in sums if k.startswith("backbone.")), key=lambda k: int(k[-1]))
+                total = sums[first].flatten(1).sum(1)
+                kw = {"exclude": ("backbone.stem",) + tuple(f"backbone.res{i}." for i in range(2, int(first[-1]) + 1))}
             else:
                 total = sum(v.flatten(1).sum(1) for k, v in sums.items() if k.startswith("memory@")) \
                     + sums["mask_features"].flatten(1).sum(1)
@@ -279,7 +285,7 @@ def _check_stops(stops: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _batched_relevance(values: torch.Tensor, inputs: list[torch.Tensor], reducers: list[tuple[str, Callable]],
-                       chunk_size: int | None) -> dict[str, torch.Tensor]:
+                       chunk_size: int | None, retain_graph: bool = False) -> dict[str, torch.Tensor]:
     """Relevance (gradient × input) of every target at every input, one backward per chunk of targets."""
     k = values.numel()
     chunk = k if not chunk_size else max(1, int(chunk_size))
@@ -289,7 +295,7 @@ def _batched_relevance(values: torch.Tensor, inputs: list[torch.Tensor], reducer
         rows = eye[begin: begin + chunk]
         last = begin + chunk >= k
         grads = torch.autograd.grad(values, inputs, grad_outputs=rows, is_grads_batched=True,
-                                    retain_graph=not last, allow_unused=True)
+                                    retain_graph=retain_graph or not last, allow_unused=True)
         for (key, reduce), x, g in zip(reducers, inputs, grads):
             if g is None:
                 g = torch.zeros((rows.shape[0], *x.shape), dtype=x.dtype, device=x.device)
@@ -347,6 +353,6 @@ class LRP:
         """Explain the chosen queries of ``image``: prepare, forward, backward, cleanup in one call."""
         session = self.prepare(image, channel_order)
         try:
-            return session.backward(queries, target, stops)
+            return session.backward(queries, target, stops, retain_graph=False)
         finally:
             session.cleanup()
