@@ -184,7 +184,7 @@ class MaskDINO(nn.Module):
         x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
         if self.input_format == "BGR":
             x = x.flip(0)
-        x = x.to(self.pixel_mean.device)
+        x = x.to(self.pixel_mean)  # device and dtype (float64 models work too)
         return PreparedImage(self.normalize_and_pad(x[None]), resized.shape[:2], (h, w), rgb)
 
     def normalize_and_pad(self, images: torch.Tensor) -> torch.Tensor:
