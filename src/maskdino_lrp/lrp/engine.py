@@ -290,7 +290,8 @@ def lrp_mode(model: nn.Module, composite: str | Composite = "default",
     detach_flags = []
     try:
         for name, module in model.named_modules():
-            rule = composite.rule_for(name, module, is_first_layer=module is first)
+            # the pixel rules (flat, z^B) need the pixel input; without it the first conv gets its kind's rule
+            rule = composite.rule_for(name, module, is_first_layer=module is first and pixels is not None)
             if rule is None:
                 continue
             kind = module_kind(module)

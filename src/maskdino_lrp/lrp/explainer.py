@@ -25,9 +25,12 @@ DEFAULT_STOPS = ("pixels", "encoder_input", "memory")
 CUTS = {
     "pixels": ("pixels",),
     "backbone": ("backbone",),
-    "decoder_input": ("memory", "mask_features"),
+    # the decoder's memory and the FPN's lateral (res2) features: mask_features is computed from both
+    "memory": ("memory",),
 }
-_PREDICTOR = "sem_seg_head.predictor"
+# ledger entries downstream of the memory cut: the decoder, and the FPN convs after the lateral ones
+_AFTER_MEMORY = (_PREDICTOR := "sem_seg_head.predictor", "sem_seg_head.pixel_decoder.layer_",
+                 "sem_seg_head.pixel_decoder.mask_features")
 
 
 def _check_model(model: nn.Module) -> None:
@@ -72,6 +75,9 @@ def _record_stops(model: nn.Module, state: LRPState) -> Iterator[None]:
     def on_ref_head(_m, args):  # sine embedding of (detached) reference boxes: positional
         return (state.ledger.track("positional", f"{_PREDICTOR}.decoder.ref_point_head.input", args[0]),) + args[1:]
 
+    def on_lateral(_m, _args, out):
+        rec.setdefault("lateral", []).append(out)
+
     def on_decoder_norm(_m, _args, out):  # (Q, B, C); the last call is the final prediction head's
         rec["decoder_embedding"] = out.transpose(0, 1)
 
@@ -88,6 +94,9 @@ def _record_stops(model: nn.Module, state: LRPState) -> Iterator[None]:
     if getattr(decoder, "ref_point_head", None) is not None:
         handles.append(decoder.ref_point_head.register_forward_pre_hook(on_ref_head))
     handles.append(head.predictor.decoder_norm.register_forward_hook(on_decoder_norm))
+    for name, module in head.pixel_decoder.named_children():
+        if name.startswith("adapter_"):
+            handles.append(module.register_forward_hook(on_lateral))
     try:
         yield
     finally:
@@ -174,6 +183,8 @@ class Session:
             order = self._memory_order()
             for level_index, t in order:
                 add(f"memory@{level_index}", t, lambda r: r.sum(2)[:, 0].flatten(1))
+            for i, t in enumerate(rec.get("lateral", [])):
+                add(f"lateral{i}", t, lambda r: r.sum(2)[:, 0])
         if "mask_features" in stops:
             add("mask_features", rec["mask_features"], lambda r: r.sum(2)[:, 0])
         if "query_init" in stops:
@@ -207,11 +218,11 @@ class Session:
             return entries
         if any(s in stops for s in ("backbone", "encoder_input", "encoder_layers")):
             return [e for e in entries if not e[1].startswith("backbone.")]
-        return [e for e in entries if e[1].startswith(_PREDICTOR)]
+        return [e for e in entries if e[1].startswith(_AFTER_MEMORY)]
 
     # ------------------------------------------------------------------ report
     def _conservation(self, values: torch.Tensor, sums: dict[str, torch.Tensor], stops) -> dict[str, dict[str, torch.Tensor]]:
-        def ledger(category: str, exclude: tuple[str, ...] = (), only: str | None = None) -> torch.Tensor:
+        def ledger(category: str, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> torch.Tensor:
             total = torch.zeros_like(values)
             for key, v in sums.items():
                 if not key.startswith(f"ledger:{category}:"):
@@ -235,9 +246,8 @@ class Session:
                 total = sums[first].flatten(1).sum(1)
                 kw = {"exclude": ("backbone.stem",) + tuple(f"backbone.res{i}." for i in range(2, int(first[-1]) + 1))}
             else:
-                total = sum(v.flatten(1).sum(1) for k, v in sums.items() if k.startswith("memory@")) \
-                    + sums["mask_features"].flatten(1).sum(1)
-                kw = {"only": _PREDICTOR}
+                total = sum(v.flatten(1).sum(1) for k, v in sums.items() if k.startswith(("memory@", "lateral")))
+                kw = {"only": _AFTER_MEMORY}
             row = {"target": values, "total": total}
             for category in ("bias", "embeddings", "positional"):
                 row[category] = ledger(category, **kw)

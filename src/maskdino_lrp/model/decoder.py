@@ -392,8 +392,8 @@ class MaskDINODecoder(nn.Module):
             boxes = bitmasks_to_boxes(flat)
         else:
             boxes = masks_to_boxes(flat)
-        boxes = box_xyxy_to_cxcywh(boxes.to(outputs_mask.device)) \
-            / torch.as_tensor([w, h, w, h], dtype=torch.float, device=outputs_mask.device)
+        boxes = box_xyxy_to_cxcywh(boxes.to(outputs_mask)) \
+            / torch.as_tensor([w, h, w, h], dtype=outputs_mask.dtype, device=outputs_mask.device)
         boxes = boxes.reshape(outputs_mask.shape[0], outputs_mask.shape[1], 4)
         return inverse_sigmoid(boxes)
 

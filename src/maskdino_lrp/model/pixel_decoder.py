@@ -49,6 +49,11 @@ class Conv2d(nn.Conv2d):
         return x
 
 
+def _floating(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision features up-cast to float32 (as official, for AMP); float32/float64 kept as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def get_norm(norm: str | Callable[[int], nn.Module] | None, out_channels: int) -> nn.Module | None:
     """detectron2's get_norm for the values MaskDINO uses: "GN" (32 groups) or ""/None (no norm)."""
     if norm is None or norm == "":
@@ -315,7 +320,7 @@ class MaskDINOEncoder(nn.Module):
         extra_srcs, extra_pos = [], []
         n_t = self.transformer_num_feature_levels
         if self.total_num_feature_levels > n_t:
-            smallest = features[self.transformer_in_features[self.low_resolution_index]].float()
+            smallest = _floating(features[self.transformer_in_features[self.low_resolution_index]])
             for lvl in range(n_t, self.total_num_feature_levels):
                 src = self.input_proj[lvl](smallest if lvl == n_t else extra_srcs[-1])
                 extra_srcs.append(src)
@@ -325,7 +330,7 @@ class MaskDINOEncoder(nn.Module):
         extra_srcs = extra_srcs[::-1]
         srcs, pos = [], []
         for idx, name in enumerate(self.transformer_in_features[::-1]):
-            x = features[name].float()
+            x = _floating(features[name])
             srcs.append(self.input_proj[idx](x))
             pos.append(self.pe_layer(x))
         if self.feature_order == "low2high":
@@ -341,7 +346,7 @@ class MaskDINOEncoder(nn.Module):
                for z, (h, w) in zip(torch.split(y, sizes, dim=1), spatial_shapes.tolist())]
 
         for idx, name in enumerate(self.in_features[:self.num_fpn_levels][::-1]):
-            x = features[name].float()
+            x = _floating(features[name])
             lateral = self.lateral_convs[idx](x)
             merged = lateral + F.interpolate(out[self.high_resolution_index], size=lateral.shape[-2:],
                                              mode="bilinear", align_corners=False)

@@ -60,7 +60,7 @@ def gen_sineembed_for_position(pos_tensor: torch.Tensor, num_feats: int = 128) -
     """
     scale = 2 * math.pi
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=pos_tensor.device)
-    dim_t = 10000 ** (2 * (dim_t // 2) / num_feats)
+    dim_t = (10000 ** (2 * (dim_t // 2) / num_feats)).to(pos_tensor.dtype)  # float32 as official; float64 models too
     pos_x = _sine_cosine(pos_tensor[..., 0] * scale, dim_t)
     pos_y = _sine_cosine(pos_tensor[..., 1] * scale, dim_t)
     last = pos_tensor.size(-1)

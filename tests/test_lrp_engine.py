@@ -1,0 +1,160 @@
+"""The LRP engine on the whole MaskDINO (tiny preset): conservation, batching, layout, restoration, errors."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from maskdino_lrp import build_model
+from maskdino_lrp.lrp.composites import RuleError
+from maskdino_lrp.lrp.engine import EngineError, lrp_mode
+from maskdino_lrp.lrp.explainer import LRP
+from maskdino_lrp.lrp.targets import TargetError
+from maskdino_lrp.model.deform_attn import MSDeformAttn
+
+ALL_STOPS = ["pixels", "backbone", "encoder_input", "encoder_layers", "memory", "mask_features", "query_init",
+             "decoder_layers"]
+
+
+def zero_biases(model: nn.Module) -> None:
+    """Every bias that could absorb relevance set to zero (sampling offsets keep theirs: they are positional)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "sampling_offsets" not in name and "attention_weights" not in name:
+                p.zero_()
+        for m in model.modules():
+            if hasattr(m, "running_mean"):
+                m.running_mean.zero_()
+                m.bias.zero_()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model64():
+    torch.manual_seed(0)
+    model = build_model("tiny").double()
+    zero_biases(model)
+    with torch.no_grad():  # LayerNorm weights of 1 would make the embedding target sum to exactly 0
+        model.sem_seg_head.predictor.decoder_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("target", ["class", "mask", "embedding"])
+def test_exact_conservation_whole_model(model64, image, target):
+    """Property 1: zero biases, ε≈0, AH-rule, deformable value path → Σ R = target at every complete cut."""
+    expl = LRP(model64, composite="conservative").explain(image, queries=[0, 3, 7], target=target, stops=ALL_STOPS)
+    assert set(expl.conservation) == {"pixels", "backbone", "memory"}
+    for cut, row in expl.conservation.items():
+        assert torch.all(row["bias"].abs() < 1e-12), cut
+        rel = (row["residual"].abs() / row["target"].abs()).max().item()
+        assert rel < 1e-5, f"{target}: cut {cut} conserves only to {rel:.2e}"
+        accounted = row["total"] + row["embeddings"] + row["positional"]
+        assert torch.allclose(accounted, row["target"], rtol=1e-5)
+
+
+def test_default_composite_reports_what_it_does_not_conserve(image):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    expl = LRP(model).explain(image, queries="topk:2", stops=["pixels"])
+    row = expl.conservation["pixels"]
+    recomposed = row["total"] + row["bias"] + row["embeddings"] + row["positional"] + row["residual"]
+    assert torch.allclose(recomposed, row["target"], atol=1e-5)
+    assert torch.isfinite(expl.relevance["pixels"]).all()
+    assert row["bias"].abs().sum() > 0  # random-init biases do absorb relevance
+
+
+def test_batched_equals_one_at_a_time(model64, image):
+    lrp = LRP(model64, composite="default", chunk_size=2)
+    session = lrp.prepare(image)
+    batched = session.backward([1, 4, 6], "class", ["pixels", "memory", "decoder_layers"])
+    for row, q in enumerate([1, 4, 6]):
+        single = session.backward([q], "class", ["pixels", "memory", "decoder_layers"])
+        for stop, rel in batched.relevance.items():
+            assert torch.allclose(rel[row], single.relevance[stop][0], atol=1e-10, rtol=1e-8), stop
+    session.cleanup()
+
+
+def test_relevance_only_where_the_graph_allows(model64, image):
+    """The class head of query q reads only q's final state: the last decoder layer's relevance sits on q alone."""
+    expl = LRP(model64, composite="conservative").explain(image, queries=[5], target="class", stops=["decoder_layers"])
+    last = expl.relevance[f"decoder_layer{len(model64.sem_seg_head.predictor.decoder.layers) - 1}"][0]
+    others = torch.cat([last[:5], last[6:]])
+    assert last[5].abs() > 0 and torch.all(others == 0)
+    # layouts: encoder (B, T, C) tokens and decoder (T, B, C) queries both reduce to one value per token
+    assert last.shape == (model64.num_queries,)
+
+
+def test_model_restored_bit_identically_also_after_an_exception(image):
+    torch.manual_seed(1)
+    model = build_model("tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = model.prepare(image).tensor
+    with torch.no_grad():
+        ref = model(x)["pred_logits"].clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        with lrp_mode(model, "default"):
+            model(x)
+            raise RuntimeError("boom")
+    LRP(model).explain(image, queries=[0], stops=["pixels"])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert model.sem_seg_head.predictor.detach_query_content is True
+    with torch.no_grad():
+        assert torch.equal(model(x)["pred_logits"], ref)
+
+
+def _single_deform(location_xy, width=4, height=4):
+    """One head, one level, one point sampling at ``location_xy`` (normalised); identity projections."""
+    m = MSDeformAttn(d_model=8, n_levels=1, n_heads=1, n_points=1)
+    with torch.no_grad():
+        for lin in (m.value_proj, m.output_proj):
+            lin.weight.copy_(torch.eye(8))
+            lin.bias.zero_()
+        m.sampling_offsets.weight.zero_()
+        m.sampling_offsets.bias.zero_()
+    ref = torch.tensor(location_xy, dtype=torch.float32).view(1, 1, 1, 2)
+    shapes = torch.tensor([[height, width]])
+    return m, ref, shapes
+
+
+@pytest.mark.parametrize("loc,expected", [
+    ((1.5 / 4, 2.5 / 4), {(2, 1): 1.0}),  # a pixel centre: one token
+    ((2.0 / 4, 2.0 / 4), {(1, 1): 0.25, (1, 2): 0.25, (2, 1): 0.25, (2, 2): 0.25}),  # a corner: four
+])
+def test_deformable_value_path_splats_bilinearly(loc, expected):
+    """Properties 5 and 6: relevance lands on the bilinear corners in proportion, untouched tokens get zero."""
+    m, ref, shapes = _single_deform(loc)
+    value = torch.ones(1, 16, 8, requires_grad=True)
+    query = torch.randn(1, 1, 8)
+    with lrp_mode(m, "conservative"):
+        out = m(query, ref, value, shapes, torch.tensor([0]))
+    (g,) = torch.autograd.grad(out.sum(), value)
+    r = (value.detach() * g).sum(-1).view(4, 4)
+    total = out.sum().item()
+    for (y, x), share in expected.items():
+        assert r[y, x].item() == pytest.approx(share * total, rel=1e-6)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    for y, x in expected:
+        mask[y, x] = False
+    assert torch.all(r[mask] == 0)
+
+
+def test_bad_requests_name_the_problem(image):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    lrp = LRP(model)
+    with pytest.raises(TargetError, match="query index 99 is out of range"):
+        lrp.explain(image, queries=[99])
+    with pytest.raises(TargetError, match="unknown target 'logit'"):
+        lrp.explain(image, queries=[0], target="logit")
+    with pytest.raises(EngineError, match="unknown stop 'tokens'"):
+        lrp.explain(image, queries=[0], stops=["tokens"])
+    with pytest.raises(RuleError, match="unknown composite 'best'"):
+        LRP(model, composite="best")
+    with pytest.raises(EngineError, match="not a model the engine recognises"):
+        LRP(nn.Linear(3, 3))
