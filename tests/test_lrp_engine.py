@@ -158,3 +158,45 @@ def test_bad_requests_name_the_problem(image):
         LRP(model, composite="best")
     with pytest.raises(EngineError, match="not a model the engine recognises"):
         LRP(nn.Linear(3, 3))
+
+
+def _capture_call(model, module, image):
+    """(args, kwargs) of the first call of ``module`` during a forward of ``model`` on ``image``."""
+    seen = {}
+
+    def hook(_m, args, kwargs):
+        seen.setdefault("call", (args, kwargs))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(model.prepare(image).tensor)
+    handle.remove()
+    return seen["call"]
+
+
+def test_exact_conservation_one_encoder_layer(model64, image):
+    layer = model64.sem_seg_head.pixel_decoder.transformer.encoder.layers[0]
+    args, kwargs = _capture_call(model64, layer, image)
+    src = (args[0] if args else kwargs.pop("src")).clone().requires_grad_(True)
+    args = args[1:] if args else ()
+    with lrp_mode(layer, "conservative") as state:
+        out = layer(src, *args, **kwargs)
+    (g,) = torch.autograd.grad(out.sum(), src)  # R_out = out
+    assert state.ledger.entries  # biases were tracked (all zero here)
+    assert (src.detach() * g).sum().item() == pytest.approx(out.sum().item(), rel=1e-6)
+
+
+def test_exact_conservation_one_decoder_layer(model64, image):
+    """Query path and memory path together carry all of a decoder layer's output relevance."""
+    layer = model64.sem_seg_head.predictor.decoder.layers[0]
+    _, kwargs = _capture_call(model64, layer, image)
+    tgt = kwargs["tgt"].clone().requires_grad_(True)
+    memory = kwargs["memory"].clone().requires_grad_(True)
+    kwargs = {**kwargs, "tgt": tgt, "memory": memory}
+    with lrp_mode(layer, "conservative"):
+        out = layer(**kwargs)
+    g_tgt, g_mem = torch.autograd.grad(out.sum(), [tgt, memory])
+    r_query = (tgt.detach() * g_tgt).sum().item()
+    r_memory = (memory.detach() * g_mem).sum().item()
+    assert r_query + r_memory == pytest.approx(out.sum().item(), rel=1e-6)
+    assert r_memory != 0 and r_query != 0
