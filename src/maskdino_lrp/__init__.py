@@ -6,12 +6,13 @@ import os
 
 from .model.config import ConfigError, load_config, preset_names
 from .model.maskdino import Detections, ImageError, MaskDINO, build_model, load_weights
+from .lrp import LRP, Explanation, get_composite
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "Detections", "ImageError", "MaskDINO", "build_model", "load_config", "load_weights",
-    "preset_names",
+    "ConfigError", "Detections", "Explanation", "ImageError", "LRP", "MaskDINO", "build_model", "get_composite",
+    "load_config", "load_weights", "preset_names",
 ]
 
 if os.environ.get("LOGLEVEL"):
