@@ -52,11 +52,12 @@ def test_conv_gamma_matches_explicit(gamma):
     x, w = torch.rand(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
     _, (r,) = relevance(lambda t: rules.conv2d_gamma(t, w, None, 1, 1, 1, 1, gamma), x)
     # explicit: unfold to patches, contributions x_i (w_ij + γ w⁺_ij), normalised per output
-    cols = F.unfold(x, 3, padding=1)[0]  # (in*9, L)
-    wm = (w + gamma * w.clamp(min=0)).view(3, -1)  # (out, in*9)
+    cols = F.unfold(x, 3, padding=1)[0]  # (in*9, L), x ≥ 0
     z = (w.view(3, -1) @ cols)  # (out, L) — R_j = z_j
-    zm = wm @ cols
-    contrib = cols[None] * wm[:, :, None]  # (out, in*9, L)
+    # positive outputs favour positive contributions (w + γw⁺), negative outputs negative ones (w + γw⁻)
+    w_up, w_down = (w + gamma * w.clamp(min=0)).view(3, -1), (w + gamma * w.clamp(max=0)).view(3, -1)
+    contrib = torch.where(z[:, None] > 0, cols[None] * w_up[:, :, None], cols[None] * w_down[:, :, None])
+    zm = contrib.sum(1)
     r_cols = (contrib / stab(zm)[:, None] * z[:, None]).sum(0)  # (in*9, L)
     expected = F.fold(r_cols[None], (5, 5), 3, padding=1)
     assert torch.allclose(r, expected, atol=1e-9)

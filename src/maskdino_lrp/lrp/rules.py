@@ -29,10 +29,21 @@ def modified(z: torch.Tensor, z_mod: torch.Tensor, epsilon: float = 1e-9) -> tor
 
 
 # ----------------------------------------------------------------------------- linear layers
+def epsilon_scaled(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z`` itself, its incoming gradient scaled by z / (z + ε sign z) — the epsilon rule's only change.
+
+    Done with a tensor hook rather than :func:`modified`: no extra forward ops or saved tensors besides
+    the ratio (the hook also runs under batched, vmapped backward passes).
+    """
+    if z.requires_grad:
+        ratio = (z / stabilize(z, epsilon)).detach()
+        z.register_hook(lambda g: g * ratio)
+    return z
+
+
 def linear_epsilon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epsilon: float = 1e-6) -> torch.Tensor:
     """Epsilon rule: R_i = Σ_j x_i w_ij / (z_j + ε sign z_j) · R_j; the bias and ε absorb the rest."""
-    z = F.linear(x, weight, bias)
-    return modified(z, z, epsilon)
+    return epsilon_scaled(F.linear(x, weight, bias), epsilon)
 
 
 def _positive(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -43,12 +54,28 @@ def _negative(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
+def _gamma_pre_activation(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          z: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Sign-aware gamma pre-activation (zennit's Gamma): positive outputs amplify positive contributions
+    (x⁺(w + γw⁺) + x⁻(w + γw⁻)), negative outputs amplify negative ones; so z_mod has z's sign and
+    |z_mod| ≥ |z|, and the ratio z / z_mod stays in [0, 1] (no blow-up where z and Σ x(w + γw⁺) disagree)."""
+    w_up, w_down = weight + gamma * _positive(weight), weight + gamma * _negative(weight)
+    b_up = None if bias is None else bias + gamma * _positive(bias)
+    b_down = None if bias is None else bias + gamma * _negative(bias)
+    x_pos = x.clamp(min=0)
+    z_pos, z_neg = op(x_pos, w_up, b_up), op(x_pos, w_down, b_down)
+    if bool((x < 0).any()):
+        x_neg = x.clamp(max=0)
+        z_pos = z_pos + op(x_neg, w_down, None)
+        z_neg = z_neg + op(x_neg, w_up, None)
+    return torch.where(z > 0, z_pos, z_neg)
+
+
 def linear_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: float = 0.25,
                  epsilon: float = 1e-9) -> torch.Tensor:
-    """Gamma rule: contributions with weights w + γ w⁺ (positive evidence favoured); γ→∞ approaches z+."""
+    """Gamma rule: contributions of the output's own sign amplified by γ; γ→∞ approaches z+."""
     z = F.linear(x, weight, bias)
-    bias_mod = None if bias is None else bias + gamma * _positive(bias)
-    return modified(z, F.linear(x, weight + gamma * _positive(weight), bias_mod), epsilon)
+    return modified(z, _gamma_pre_activation(F.linear, x, weight, bias, z, gamma), epsilon)
 
 
 def linear_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epsilon: float = 1e-9) -> torch.Tensor:
@@ -62,17 +89,15 @@ def linear_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def conv2d_epsilon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
                    dilation=1, groups=1, epsilon: float = 1e-6) -> torch.Tensor:
     """Epsilon rule for a 2-D convolution."""
-    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return modified(z, z, epsilon)
+    return epsilon_scaled(F.conv2d(x, weight, bias, stride, padding, dilation, groups), epsilon)
 
 
 def conv2d_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
                  dilation=1, groups=1, gamma: float = 0.25, epsilon: float = 1e-9) -> torch.Tensor:
-    """Gamma rule for a convolution: weights w + γ w⁺ (and bias b + γ b⁺) in numerator and denominator."""
-    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    bias_mod = None if bias is None else bias + gamma * _positive(bias)
-    z_mod = F.conv2d(x, weight + gamma * _positive(weight), bias_mod, stride, padding, dilation, groups)
-    return modified(z, z_mod, epsilon)
+    """Gamma rule for a convolution (sign-aware, see :func:`_gamma_pre_activation`)."""
+    conv = lambda t, w, b: F.conv2d(t, w, b, stride, padding, dilation, groups)
+    z = conv(x, weight, bias)
+    return modified(z, _gamma_pre_activation(conv, x, weight, bias, z, gamma), epsilon)
 
 
 def conv2d_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
