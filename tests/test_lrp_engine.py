@@ -66,10 +66,12 @@ def test_default_composite_reports_what_it_does_not_conserve(image):
     assert row["bias"].abs().sum() > 0  # random-init biases do absorb relevance
 
 
-def test_batched_equals_one_at_a_time(model64, image):
-    lrp = LRP(model64, composite="default", chunk_size=2)
+@pytest.mark.parametrize("batch_mode", ["vmap", "loop"])
+def test_batched_equals_one_at_a_time(model64, image, batch_mode):
+    lrp = LRP(model64, composite="default", chunk_size=2, batch_mode=batch_mode)
     session = lrp.prepare(image)
     batched = session.backward([1, 4, 6], "class", ["pixels", "memory", "decoder_layers"])
+    lrp.batch_mode = "loop"  # one plain backward per query: the independent reference
     for row, q in enumerate([1, 4, 6]):
         single = session.backward([q], "class", ["pixels", "memory", "decoder_layers"])
         for stop, rel in batched.relevance.items():

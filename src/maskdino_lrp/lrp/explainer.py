@@ -141,7 +141,7 @@ class Session:
             raise EngineError(f"target {target_name!r} does not depend on the model's computation graph")
         start = time.perf_counter()
         inputs, reducers = self._inputs(stops)
-        sums = _batched_relevance(values, inputs, reducers, self.lrp.chunk_size, retain_graph)
+        sums = _batched_relevance(values, inputs, reducers, self.lrp.chunk_size, retain_graph, self.lrp.batch_mode)
         backward_seconds = time.perf_counter() - start
         relevance = {k: v for k, v in sums.items() if not k.startswith(("ledger:", "channels:", "padding"))}
         channels = {k[len("channels:"):]: v for k, v in sums.items() if k.startswith("channels:")}
@@ -295,17 +295,29 @@ def _check_stops(stops: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _batched_relevance(values: torch.Tensor, inputs: list[torch.Tensor], reducers: list[tuple[str, Callable]],
-                       chunk_size: int | None, retain_graph: bool = False) -> dict[str, torch.Tensor]:
-    """Relevance (gradient × input) of every target at every input, one backward per chunk of targets."""
+                       chunk_size: int | None, retain_graph: bool = False, batch_mode: str = "vmap"
+                       ) -> dict[str, torch.Tensor]:
+    """Relevance (gradient × input) of every target at every input, from one forward's graph.
+
+    ``batch_mode="vmap"``: one ``is_grads_batched`` backward per chunk of targets (K one-hot rows);
+    ``"loop"``: one plain backward per target. Both give the same numbers; on CPUs the loop is faster
+    (vmap's batching rules add overhead there), on GPUs vmap.
+    """
     k = values.numel()
     chunk = k if not chunk_size else max(1, int(chunk_size))
+    if batch_mode == "loop":
+        chunk = 1
     eye = torch.eye(k, dtype=values.dtype, device=values.device)
     pieces: dict[str, list[torch.Tensor]] = {key: [] for key, _ in reducers}
     for begin in range(0, k, chunk):
         rows = eye[begin: begin + chunk]
-        last = begin + chunk >= k
-        grads = torch.autograd.grad(values, inputs, grad_outputs=rows, is_grads_batched=True,
-                                    retain_graph=retain_graph or not last, allow_unused=True)
+        keep = retain_graph or begin + chunk < k
+        if batch_mode == "loop":
+            grads = torch.autograd.grad(values[begin], inputs, retain_graph=keep, allow_unused=True)
+            grads = [None if g is None else g[None] for g in grads]
+        else:
+            grads = torch.autograd.grad(values, inputs, grad_outputs=rows, is_grads_batched=True,
+                                        retain_graph=keep, allow_unused=True)
         for (key, reduce), x, g in zip(reducers, inputs, grads):
             if g is None:
                 g = torch.zeros((rows.shape[0], *x.shape), dtype=x.dtype, device=x.device)
@@ -322,12 +334,17 @@ class LRP:
     """
 
     def __init__(self, model: nn.Module, composite: str | Composite = "default", chunk_size: int | None = 16,
-                 keep_channels: bool = False):
+                 keep_channels: bool = False, batch_mode: str = "auto"):
         _check_model(model)
+        if batch_mode not in ("auto", "vmap", "loop"):
+            raise EngineError(f"batch_mode must be 'auto', 'vmap' or 'loop', got {batch_mode!r}")
         self.model = model.eval()
         self.composite = get_composite(composite)
         self.chunk_size = chunk_size
         self.keep_channels = keep_channels
+        if batch_mode == "auto":  # measured: vmap's batching overhead outweighs its gain on CPUs
+            batch_mode = "vmap" if next(model.parameters()).is_cuda else "loop"
+        self.batch_mode = batch_mode
 
     def _input_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = self.model.pixel_mean, self.model.pixel_std
