@@ -202,3 +202,19 @@ def test_exact_conservation_one_decoder_layer(model64, image):
     r_memory = (memory.detach() * g_mem).sum().item()
     assert r_query + r_memory == pytest.approx(out.sum().item(), rel=1e-6)
     assert r_memory != 0 and r_query != 0
+
+
+def test_decoder_only_then_encoder_only_is_the_whole_path(model64, image):
+    """The prototype's which_module flow: decoder-only relevance at the memory, then encoder-only to the input."""
+    lrp = LRP(model64, composite="conservative")
+    session = lrp.prepare(image)
+    whole = session.backward([2], "class", ["encoder_input", "encoder_layers", "memory"])
+    last = f"encoder_layer{len(model64.sem_seg_head.pixel_decoder.transformer.encoder.layers) - 1}"
+    # the decoder-only part: relevance at the encoder output equals the whole run's relevance there
+    enc_out = whole.relevance[last]
+    # encoder-only: propagate that token relevance back; conservation through the (bias-free) encoder
+    back = session.propagate(enc_out, stops=["encoder_input"])
+    assert back["encoder_input"].sum().item() == pytest.approx(enc_out.sum().item(), rel=1e-6)
+    with pytest.raises(EngineError, match="must be"):
+        session.propagate(enc_out[:, :5])
+    session.cleanup()

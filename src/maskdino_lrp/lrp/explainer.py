@@ -141,7 +141,9 @@ class Session:
             raise EngineError(f"target {target_name!r} does not depend on the model's computation graph")
         start = time.perf_counter()
         inputs, reducers = self._inputs(stops)
-        sums = _batched_relevance(values, inputs, reducers, self.lrp.chunk_size, retain_graph, self.lrp.batch_mode)
+        seeds = torch.eye(values.numel(), dtype=values.dtype, device=values.device)
+        sums = _batched_relevance(values, seeds, inputs, reducers, self.lrp.chunk_size, retain_graph,
+                                  self.lrp.batch_mode)
         backward_seconds = time.perf_counter() - start
         relevance = {k: v for k, v in sums.items() if not k.startswith(("ledger:", "channels:", "padding"))}
         channels = {k[len("channels:"):]: v for k, v in sums.items() if k.startswith("channels:")}
@@ -275,6 +277,35 @@ class Session:
             })
         return info
 
+    def propagate(self, relevance: torch.Tensor, stops: Sequence[str] = ("encoder_input",),
+                  retain_graph: bool = True) -> dict[str, torch.Tensor]:
+        """Encoder-only mode: relevance given at the encoder output (memory) tokens → relevance at ``stops``.
+
+        ``relevance`` is (K, T) per token (e.g. ``Explanation.relevance["memory"]`` of a decoder-only
+        run) or (K, T, C) per channel. Token relevance is split over a token's channels in proportion to
+        their absolute activations. Returns {stop: (K, …)} like :attr:`Explanation.relevance`; the sum
+        is conserved up to what the encoder's biases and non-conservative rules take.
+        """
+        memory = self.state.records["encoder_layers"][-1]  # (B=1, T, C)
+        x = memory.detach()[0]
+        if tuple(relevance.shape[1:]) not in (tuple(x.shape), tuple(x.shape[:1])):
+            raise EngineError(f"relevance must be (K, {x.shape[0]}) or (K, {x.shape[0]}, {x.shape[1]}), "
+                              f"got {tuple(relevance.shape)}")
+        if relevance.dim() == 2:
+            share = x.abs() / x.abs().sum(-1, keepdim=True).clamp_min(1e-30)
+            relevance = relevance[..., None] * share[None]
+        from .rules import stabilize
+        seeds = (relevance / stabilize(x, 1e-12)[None])[:, None].to(x.dtype)  # (K, 1, T, C): g = R / x
+        stops = _check_stops(stops)
+        if any(s in stops for s in ("memory", "mask_features", "query_init", "decoder_layers")):
+            raise EngineError("propagate() goes from the encoder output towards the input; "
+                              "choose stops among pixels, backbone, encoder_input, encoder_layers")
+        inputs, reducers = self._inputs(stops)
+        keep = [i for i, (key, _) in enumerate(reducers) if not key.startswith("ledger:")]
+        sums = _batched_relevance(memory, seeds, [inputs[i] for i in keep], [reducers[i] for i in keep],
+                                  self.lrp.chunk_size, retain_graph, self.lrp.batch_mode)
+        return {k: v for k, v in sums.items() if k != "padding"}
+
     def cleanup(self) -> None:
         """Release the graph and recorded tensors."""
         self.outputs.clear()
@@ -294,29 +325,26 @@ def _check_stops(stops: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _batched_relevance(values: torch.Tensor, inputs: list[torch.Tensor], reducers: list[tuple[str, Callable]],
-                       chunk_size: int | None, retain_graph: bool = False, batch_mode: str = "vmap"
-                       ) -> dict[str, torch.Tensor]:
-    """Relevance (gradient × input) of every target at every input, from one forward's graph.
+def _batched_relevance(outputs: torch.Tensor, seeds: torch.Tensor, inputs: list[torch.Tensor],
+                       reducers: list[tuple[str, Callable]], chunk_size: int | None, retain_graph: bool = False,
+                       batch_mode: str = "vmap") -> dict[str, torch.Tensor]:
+    """Relevance (gradient × input) at every input for each row of ``seeds`` (K, *outputs.shape).
 
-    ``batch_mode="vmap"``: one ``is_grads_batched`` backward per chunk of targets (K one-hot rows);
-    ``"loop"``: one plain backward per target. Both give the same numbers; on CPUs the loop is faster
-    (vmap's batching rules add overhead there), on GPUs vmap.
+    For scalar targets ``outputs`` is (K,) and ``seeds`` the identity. ``batch_mode="vmap"``: one
+    ``is_grads_batched`` backward per chunk of rows; ``"loop"``: one plain backward per row. Both give
+    the same numbers; on CPUs the loop is faster (vmap's batching rules add overhead), on GPUs vmap.
     """
-    k = values.numel()
-    chunk = k if not chunk_size else max(1, int(chunk_size))
-    if batch_mode == "loop":
-        chunk = 1
-    eye = torch.eye(k, dtype=values.dtype, device=values.device)
+    k = seeds.shape[0]
+    chunk = 1 if batch_mode == "loop" else (k if not chunk_size else max(1, int(chunk_size)))
     pieces: dict[str, list[torch.Tensor]] = {key: [] for key, _ in reducers}
     for begin in range(0, k, chunk):
-        rows = eye[begin: begin + chunk]
+        rows = seeds[begin: begin + chunk]
         keep = retain_graph or begin + chunk < k
         if batch_mode == "loop":
-            grads = torch.autograd.grad(values[begin], inputs, retain_graph=keep, allow_unused=True)
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=rows[0], retain_graph=keep, allow_unused=True)
             grads = [None if g is None else g[None] for g in grads]
         else:
-            grads = torch.autograd.grad(values, inputs, grad_outputs=rows, is_grads_batched=True,
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=rows, is_grads_batched=True,
                                         retain_graph=keep, allow_unused=True)
         for (key, reduce), x, g in zip(reducers, inputs, grads):
             if g is None:
