@@ -48,15 +48,16 @@ def test_linear_model_lrp0_is_w_times_x():
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 2.0])
-def test_conv_gamma_matches_explicit(gamma):
-    x, w = torch.rand(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+@pytest.mark.parametrize("signed_input", [False, True])
+def test_conv_gamma_matches_explicit(gamma, signed_input):
+    x, w = torch.rand(1, 2, 5, 5) - (0.5 if signed_input else 0.0), torch.randn(3, 2, 3, 3)
     _, (r,) = relevance(lambda t: rules.conv2d_gamma(t, w, None, 1, 1, 1, 1, gamma), x)
-    # explicit: unfold to patches, contributions x_i (w_ij + γ w⁺_ij), normalised per output
-    cols = F.unfold(x, 3, padding=1)[0]  # (in*9, L), x ≥ 0
+    # explicit: unfold to patches; contributions of the output's own sign amplified by (1 + γ)
+    cols = F.unfold(x, 3, padding=1)[0]  # (in*9, L)
     z = (w.view(3, -1) @ cols)  # (out, L) — R_j = z_j
-    # positive outputs favour positive contributions (w + γw⁺), negative outputs negative ones (w + γw⁻)
-    w_up, w_down = (w + gamma * w.clamp(min=0)).view(3, -1), (w + gamma * w.clamp(max=0)).view(3, -1)
-    contrib = torch.where(z[:, None] > 0, cols[None] * w_up[:, :, None], cols[None] * w_down[:, :, None])
+    c = cols[None] * w.view(3, -1)[:, :, None]  # plain contributions x_i w_ij
+    amplified = torch.where(z[:, None] > 0, c + gamma * c.clamp(min=0), c + gamma * c.clamp(max=0))
+    contrib = amplified
     zm = contrib.sum(1)
     r_cols = (contrib / stab(zm)[:, None] * z[:, None]).sum(0)  # (in*9, L)
     expected = F.fold(r_cols[None], (5, 5), 3, padding=1)

@@ -55,27 +55,40 @@ def _negative(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _gamma_pre_activation(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          z: torch.Tensor, gamma: float) -> torch.Tensor:
+                          z: torch.Tensor, gamma: float, bias_view: Callable) -> torch.Tensor:
     """Sign-aware gamma pre-activation (zennit's Gamma): positive outputs amplify positive contributions
     (x⁺(w + γw⁺) + x⁻(w + γw⁻)), negative outputs amplify negative ones; so z_mod has z's sign and
-    |z_mod| ≥ |z|, and the ratio z / z_mod stays in [0, 1] (no blow-up where z and Σ x(w + γw⁺) disagree)."""
-    w_up, w_down = weight + gamma * _positive(weight), weight + gamma * _negative(weight)
-    b_up = None if bias is None else bias + gamma * _positive(bias)
-    b_down = None if bias is None else bias + gamma * _negative(bias)
-    x_pos = x.clamp(min=0)
-    z_pos, z_neg = op(x_pos, w_up, b_up), op(x_pos, w_down, b_down)
+    |z_mod| ≥ |z|, and the ratio z / z_mod stays in [0, 1] (no blow-up where z and Σ x(w + γw⁺) disagree).
+
+    For x ≥ 0 (post-ReLU, the usual CNN body) one extra op suffices: Σ x w⁻ = (z − b) − Σ x w⁺.
+    """
     if bool((x < 0).any()):
-        x_neg = x.clamp(max=0)
-        z_pos = z_pos + op(x_neg, w_down, None)
-        z_neg = z_neg + op(x_neg, w_up, None)
-    return torch.where(z > 0, z_pos, z_neg)
+        w_up, w_down = weight + gamma * _positive(weight), weight + gamma * _negative(weight)
+        b_up = None if bias is None else bias + gamma * _positive(bias)
+        b_down = None if bias is None else bias + gamma * _negative(bias)
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        up = op(x_pos, w_up, b_up) + op(x_neg, w_down, None)
+        down = op(x_pos, w_down, b_down) + op(x_neg, w_up, None)
+        return torch.where(z > 0, up, down)
+    positive = op(x, _positive(weight), None)
+    without_bias = z if bias is None else z - bias_view(bias)
+    up = z + gamma * positive
+    down = z + gamma * (without_bias - positive)
+    if bias is not None:
+        up = up + gamma * bias_view(_positive(bias))
+        down = down + gamma * bias_view(_negative(bias))
+    return torch.where(z > 0, up, down)
+
+
+def _conv_bias(b: torch.Tensor) -> torch.Tensor:
+    return b.view(1, -1, 1, 1)
 
 
 def linear_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: float = 0.25,
                  epsilon: float = 1e-9) -> torch.Tensor:
     """Gamma rule: contributions of the output's own sign amplified by γ; γ→∞ approaches z+."""
     z = F.linear(x, weight, bias)
-    return modified(z, _gamma_pre_activation(F.linear, x, weight, bias, z, gamma), epsilon)
+    return modified(z, _gamma_pre_activation(F.linear, x, weight, bias, z, gamma, lambda b: b), epsilon)
 
 
 def linear_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epsilon: float = 1e-9) -> torch.Tensor:
@@ -97,7 +110,7 @@ def conv2d_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """Gamma rule for a convolution (sign-aware, see :func:`_gamma_pre_activation`)."""
     conv = lambda t, w, b: F.conv2d(t, w, b, stride, padding, dilation, groups)
     z = conv(x, weight, bias)
-    return modified(z, _gamma_pre_activation(conv, x, weight, bias, z, gamma), epsilon)
+    return modified(z, _gamma_pre_activation(conv, x, weight, bias, z, gamma, _conv_bias), epsilon)
 
 
 def conv2d_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
