@@ -215,13 +215,14 @@ class MaskDINO(nn.Module):
         logits = outputs["pred_logits"][batch_index].detach()
         mask_logits = outputs["pred_masks"][batch_index].detach()
         boxes = outputs["pred_boxes"][batch_index].detach()
-        masks_full = self.masks_to_image(mask_logits, prepared)
         scores = logits.sigmoid()
         k = min(self.test_topk_per_image, scores.numel())
         top_scores, top_idx = scores.flatten().topk(k, sorted=True)
         labels = top_idx % self.num_classes
         queries = top_idx // self.num_classes
-        masks_sel = masks_full[queries]
+        # only the selected queries' masks are resized (300 full-size masks would take ~0.8 GB at 800²)
+        unique, position = queries.unique(return_inverse=True)
+        masks_sel = self.masks_to_image(mask_logits[unique], prepared)[position]
         binary = masks_sel > 0
         mask_scores = (masks_sel.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
         final = top_scores * (1.0 if self.focus_on_box else mask_scores)
