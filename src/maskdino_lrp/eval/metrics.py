@@ -1,0 +1,430 @@
+"""Explanation-quality metrics (definitions in shared/docs/evaluation.md), on plain maps and masks.
+
+Every map ``E`` is a 2-D array of relevance over pixels (numpy or torch; used as float64). Choices
+where the doc leaves room, stated once here:
+
+* **Positive part.** The mass-based metrics (mass accuracy, energy pointing game, leak) use
+  ``max(E, 0)``. A map without positive relevance gives NaN (undefined), which the aggregation
+  excludes and counts (N per metric).
+* **Ties.** Rank accuracy and the pointing game take the *expected* value under uniformly random
+  tie-breaking, computed exactly: a constant map scores the mask's area fraction on both, a map
+  with one maximum scores 0 or 1. Perturbation orders break ties with a seeded random permutation.
+* **Pointing-game tolerance** ``t`` px: a hit if the maximum lies within Euclidean distance ``t``
+  of a mask pixel (Zhang et al. use 15 px on COCO; our images are 160 px).
+* **Boxes** are xyxy pixels with exclusive right/bottom edges (``x1`` = last column + 1), as the
+  shapes data writes them; a pixel belongs to a box when its centre does.
+* **Deletion / insertion** (Petsiuk et al. 2018): pixels are taken in order of decreasing relevance
+  (signed: most positive first), ``steps`` equal steps from 0 % to 100 % of the pixels; removed
+  pixels get the value of a neutral image — :func:`mean_replacement` (per-image, per-channel mean
+  colour, the default) or :func:`blur_replacement` (Gaussian blur). The curve is a model score per
+  step; the area under it is the trapezoid over the removed fraction in [0, 1].
+* **AOPC** (Samek et al. 2017): ``1/(k+1) Σ_{j=0..k} (s_0 − s_j)`` over the first ``k`` steps.
+* **Confidence intervals**: Student-t by default (:func:`mean_ci`); a percentile bootstrap
+  (:func:`bootstrap_ci`) is there to check it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Estimate", "mean_ci", "bootstrap_ci", "paired_difference",
+    "box_mask", "relevance_mass_accuracy", "relevance_rank_accuracy", "pointing_game",
+    "energy_pointing_game", "leak_to_other_objects", "conservation_error", "rank_correlation",
+    "mean_replacement", "blur_replacement", "relevance_order", "perturbation_fractions", "perturbed_images",
+    "perturbation_curve", "area_under_curve", "aopc", "box_iou_cxcywh", "DetectorScore", "PeakMemory",
+]
+
+
+def _array(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _bool(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).astype(bool)
+
+
+def _check_same_shape(relevance: np.ndarray, *masks: np.ndarray) -> None:
+    if relevance.ndim != 2:
+        raise ValueError(f"a relevance map must be 2-D (H, W), got shape {relevance.shape}")
+    for m in masks:
+        if m.shape[-2:] != relevance.shape:
+            raise ValueError(f"mask shape {m.shape} does not match the relevance map {relevance.shape}")
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its confidence interval over ``n`` finite values."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    method: str = "t"
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "n/a"
+        if not math.isfinite(self.low):
+            return f"{self.mean:.3g}"
+        return f"{self.mean:.3g} [{self.low:.3g}, {self.high:.3g}]"
+
+
+def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    v = _array(values).ravel()
+    return v[np.isfinite(v)]
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> Estimate:
+    """Mean and Student-t confidence interval, mean ± t_{(1+c)/2, n−1} · s/√n, over the finite values.
+
+    One value gives an interval of NaN (no spread can be estimated); none gives NaN throughout.
+    """
+    from scipy import stats
+
+    v = _finite(values)
+    n = int(v.size)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean = float(v.mean())
+    if n == 1:
+        return Estimate(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(v.std(ddof=1)) / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95, n_resamples: int = 10000,
+                 seed: int = 0) -> Estimate:
+    """Mean and percentile-bootstrap confidence interval (``n_resamples`` resamples, seeded)."""
+    v = _finite(values)
+    n = int(v.size)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, "bootstrap")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, n, size=(n_resamples, n))].mean(1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return Estimate(float(v.mean()), float(low), float(high), n, "bootstrap")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
+    """Per-pair a − b, NaN where either is missing (for paired CIs of method vs. baseline)."""
+    a, b = _array(a), _array(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same shape, got {a.shape} and {b.shape}")
+    return a - b
+
+
+# ----------------------------------------------------------------------------- localisation
+def box_mask(box: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: pixels whose centre lies in the xyxy box (exclusive right/bottom edges)."""
+    h, w = shape
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cols = np.arange(w) + 0.5
+    rows = np.arange(h) + 0.5
+    return ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
+
+
+def _positive_share(relevance: Any, region: np.ndarray) -> float:
+    e = np.clip(_array(relevance), 0, None)
+    region = _bool(region)
+    _check_same_shape(e, region)
+    total = e.sum()
+    if not total > 0:
+        return math.nan
+    return float(e[region].sum() / total)
+
+
+def relevance_mass_accuracy(relevance: Any, mask: Any) -> float:
+    """Σ_{p∈M} max(E_p, 0) / Σ_p max(E_p, 0) (Arras et al. 2022); NaN without positive relevance."""
+    return _positive_share(relevance, mask)
+
+
+def _expected_share_of_top(values: np.ndarray, inside: np.ndarray, k: int) -> float:
+    """Expected share of ``inside`` among the k largest values, ties broken uniformly at random."""
+    if k <= 0:
+        return math.nan
+    order = np.argsort(-values, kind="stable")
+    threshold = values[order[k - 1]]
+    above = values > threshold
+    tied = values == threshold
+    slots = k - int(above.sum())
+    hits = float(inside[above].sum()) + slots * float(inside[tied].sum()) / float(tied.sum())
+    return hits / k
+
+
+def relevance_rank_accuracy(relevance: Any, mask: Any) -> float:
+    """Share of the K = |M| highest-relevance pixels that lie in M (Arras et al. 2022); ties: expected."""
+    e = _array(relevance)
+    m = _bool(mask)
+    _check_same_shape(e, m)
+    return _expected_share_of_top(e.ravel(), m.ravel(), int(m.sum()))
+
+
+def pointing_game(relevance: Any, mask: Any, tolerance: float = 0.0) -> float:
+    """1 if the maximum of E lies in M (or within ``tolerance`` px of it), else 0; ties: expected hit rate."""
+    from scipy import ndimage
+
+    e = _array(relevance)
+    m = _bool(mask)
+    _check_same_shape(e, m)
+    if not m.any():
+        return math.nan
+    if tolerance > 0:
+        m = ndimage.distance_transform_edt(~m) <= tolerance
+    peak = e == e.max()
+    return float(m[peak].sum() / peak.sum())
+
+
+def energy_pointing_game(relevance: Any, box: Sequence[float]) -> float:
+    """Σ_{p∈B} max(E, 0) / Σ_p max(E, 0) for the xyxy box B (Wang et al., Score-CAM 2020)."""
+    e = _array(relevance)
+    return _positive_share(e, box_mask(box, e.shape))
+
+
+def leak_to_other_objects(relevance: Any, mask: Any, other_masks: Any) -> float:
+    """Share of positive relevance on other objects' masks (outside this object's mask); lower is better."""
+    m = _bool(mask)
+    others = _bool(other_masks)
+    if others.ndim == 2:
+        others = others[None]
+    region = (others.any(0) if others.shape[0] else np.zeros_like(m)) & ~m
+    return _positive_share(relevance, region)
+
+
+def conservation_error(relevance_sum: float, target: float) -> float:
+    """|Σ R_input − target| / |target|."""
+    return abs(float(relevance_sum) - float(target)) / max(abs(float(target)), 1e-12)
+
+
+def rank_correlation(a: Any, b: Any) -> float:
+    """Spearman rank correlation of two maps (model-randomisation test); NaN if either is constant."""
+    from scipy import stats
+
+    x, y = _array(a).ravel(), _array(b).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"maps differ in size: {x.shape} vs {y.shape}")
+    if np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan
+    return float(stats.spearmanr(x, y).statistic)
+
+
+# ----------------------------------------------------------------------------- perturbation
+def mean_replacement(image: torch.Tensor) -> torch.Tensor:
+    """Neutral image for (C, H, W) or (1, C, H, W): every pixel set to the image's per-channel mean."""
+    return image.mean(dim=(-2, -1), keepdim=True).expand_as(image).clone()
+
+
+def blur_replacement(image: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    """Neutral image: Gaussian blur (σ in px, kernel ±3σ, reflect padding) of (C, H, W) or (1, C, H, W)."""
+    squeeze = image.dim() == 3
+    x = image[None] if squeeze else image
+    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return x[0] if squeeze else x
+
+
+REPLACEMENTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": mean_replacement,
+    "blur": blur_replacement,
+}
+
+
+def relevance_order(relevance: Any, seed: int = 0) -> np.ndarray:
+    """Flat pixel indices, most relevant first; equal values in a seeded random order."""
+    e = _array(relevance).ravel()
+    tie_break = np.random.default_rng(seed).permutation(e.size)
+    return np.lexsort((tie_break, -e))
+
+
+def perturbation_fractions(steps: int) -> np.ndarray:
+    """The perturbed fractions 0, 1/steps, …, 1."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return np.linspace(0.0, 1.0, steps + 1)
+
+
+def perturbed_images(image: torch.Tensor, neutral: torch.Tensor, order: np.ndarray, counts: Sequence[int],
+                     mode: str = "deletion") -> torch.Tensor:
+    """(len(counts), C, H, W): the first ``counts[i]`` pixels of ``order`` removed (deletion: set to
+    ``neutral``) or inserted (insertion: taken from ``image`` into ``neutral``)."""
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    c, h, w = image.shape[-3:]
+    rank = torch.empty(h * w, dtype=torch.long)
+    rank[torch.as_tensor(order, dtype=torch.long)] = torch.arange(h * w)
+    chosen = rank[None] < torch.as_tensor(list(counts), dtype=torch.long)[:, None]  # (B, HW)
+    chosen = chosen.view(-1, 1, h, w).to(image.device)
+    first, second = (neutral, image) if mode == "deletion" else (image, neutral)
+    return torch.where(chosen, first.reshape(1, c, h, w), second.reshape(1, c, h, w))
+
+
+def perturbation_curve(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                       neutral: torch.Tensor, relevance: Any, steps: int = 20, mode: str = "deletion",
+                       batch_size: int = 8, seed: int = 0, endpoints: tuple[Any, Any] | None = None
+                       ) -> np.ndarray:
+    """Scores (steps+1,) or (steps+1, S) along a deletion or insertion curve.
+
+    ``score_fn`` maps a batch of images (B, C, H, W) to (B,) or (B, S) scores. ``endpoints`` =
+    (score of ``image``, score of ``neutral``), if already known, saves the two order-independent
+    forwards.
+    """
+    c, h, w = image.shape[-3:]
+    order = relevance_order(relevance, seed)
+    if order.size != h * w:
+        raise ValueError(f"relevance has {order.size} pixels, the image {h * w}")
+    fractions = perturbation_fractions(steps)
+    counts = np.round(fractions * h * w).astype(int)
+    results: list[Any] = [None] * len(counts)
+    if endpoints is not None:
+        original, blank = endpoints
+        results[0] = original if mode == "deletion" else blank
+        results[-1] = blank if mode == "deletion" else original
+    todo = [i for i, r in enumerate(results) if r is None]
+    for begin in range(0, len(todo), batch_size):
+        idx = todo[begin: begin + batch_size]
+        batch = perturbed_images(image, neutral, order, counts[idx], mode)
+        with torch.no_grad():
+            scores = _array(score_fn(batch))
+        for i, s in zip(idx, scores):
+            results[i] = s
+    return np.stack([_array(r) for r in results])
+
+
+def area_under_curve(scores: Any, fractions: Any | None = None) -> float:
+    """Trapezoidal area under a curve over the perturbed fraction in [0, 1]."""
+    s = _array(scores)
+    x = perturbation_fractions(len(s) - 1) if fractions is None else _array(fractions)
+    return float(np.trapezoid(s, x))
+
+
+def aopc(scores: Any, k: int | None = None) -> float:
+    """Area over the perturbation curve, 1/(k+1) Σ_{j=0..k} (s_0 − s_j) (Samek et al. 2017)."""
+    s = _array(scores)
+    k = len(s) - 1 if k is None else min(int(k), len(s) - 1)
+    return float(np.mean(s[0] - s[: k + 1]))
+
+
+# ----------------------------------------------------------------------------- the detector's score
+def box_iou_cxcywh(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """IoU of (..., 4) cx cy w h boxes with one cx cy w h box → (...)."""
+    def xyxy(b):
+        return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+
+    a, b = xyxy(boxes), xyxy(box)
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-12)
+
+
+class DetectorScore:
+    """The explained detection's class score on perturbed copies of its image.
+
+    Called on pixel-value images (B, 3, h, w) in the model's channel order at the model input size
+    (resized, unpadded); normalises and pads them, runs the model, and returns (B, 2):
+    column 0 = sigmoid class score of the query whose box best matches the original box (IoU; the
+    one-target case of the Hungarian match, since DETR queries can swap roles), column 1 = the same
+    query index as explained, without re-matching.
+    """
+
+    columns = ("matched", "fixed_query")
+
+    def __init__(self, model: torch.nn.Module, query: int, label: int, box: torch.Tensor):
+        self.model = model
+        self.query = int(query)
+        self.label = int(label)
+        self.box = box.detach().reshape(4)  # cx cy w h, normalised to the padded input
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            outputs = self.model(self.model.normalize_and_pad(images))
+        iou = box_iou_cxcywh(outputs["pred_boxes"], self.box.to(outputs["pred_boxes"]))  # (B, Q)
+        # prefer the explained query on equal IoU (argmax takes the first maximum)
+        iou[:, self.query] += 1e-6
+        matched = iou.argmax(1)
+        probs = outputs["pred_logits"][..., self.label].sigmoid()  # (B, Q)
+        rows = torch.arange(probs.shape[0], device=probs.device)
+        return torch.stack([probs[rows, matched], probs[:, self.query]], 1).cpu()
+
+
+# ----------------------------------------------------------------------------- cost
+class PeakMemory:
+    """Peak memory of a block in MiB: CUDA's allocator peak on a GPU; on CPU the resident-set high-water
+    mark above the start, sampled every ``interval`` s from /proc after glibc's ``malloc_trim`` (approximate:
+    short spikes between samples and memory the allocator keeps are missed; 0 where /proc is unavailable)."""
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _sample(self, start: int) -> None:
+        peak = start
+        while not self._stop.is_set():
+            peak = max(peak, self._rss())
+            time.sleep(self.interval)
+        self.peak_mib = max(self.peak_mib, (max(peak, self._rss()) - start) / 2**20)
+
+    @staticmethod
+    def _release_free_memory() -> None:
+        """Return freed heap pages to the OS (glibc), so the RSS baseline is not inflated by earlier work."""
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type != "cuda":
+            self._release_free_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, args=(self._rss(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()

@@ -1,0 +1,239 @@
+"""Explanation-quality metrics on hand-made maps with answers computed by hand (no model needed)."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from maskdino_lrp.eval import metrics as M
+
+
+def _square_mask(shape=(10, 10), rows=(2, 5), cols=(3, 7)):
+    m = np.zeros(shape, bool)
+    m[rows[0]:rows[1], cols[0]:cols[1]] = True
+    return m  # 3 x 4 = 12 pixels of 100
+
+
+# ----------------------------------------------------------------------------- localisation
+def test_map_equal_to_mask_scores_one():
+    mask = _square_mask()
+    e = mask.astype(float)
+    assert M.relevance_mass_accuracy(e, mask) == 1.0
+    assert M.relevance_rank_accuracy(e, mask) == 1.0
+    assert M.pointing_game(e, mask) == 1.0
+    assert M.energy_pointing_game(e, (3, 2, 7, 5)) == 1.0  # the tight box (exclusive right/bottom)
+    assert M.leak_to_other_objects(e, mask, np.zeros((1, 10, 10), bool)) == 0.0
+
+
+def test_uniform_map_scores_the_area_fraction():
+    mask = _square_mask()
+    e = np.full((10, 10), 0.3)
+    assert M.relevance_mass_accuracy(e, mask) == pytest.approx(12 / 100, abs=1e-12)
+    # ties are resolved in expectation, so the constant map scores exactly the area fraction
+    assert M.relevance_rank_accuracy(e, mask) == pytest.approx(12 / 100, abs=1e-12)
+    assert M.pointing_game(e, mask) == pytest.approx(12 / 100, abs=1e-12)
+    assert M.energy_pointing_game(e, (0, 0, 5, 10)) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_mass_accuracy_counts_positive_relevance_only():
+    mask = _square_mask()
+    e = np.where(mask, 1.0, -5.0)
+    assert M.relevance_mass_accuracy(e, mask) == 1.0
+    e = np.where(mask, 1.0, 0.0)
+    e[0, 0] = 4.0  # 12 inside, 4 outside
+    assert M.relevance_mass_accuracy(e, mask) == pytest.approx(12 / 16)
+    assert math.isnan(M.relevance_mass_accuracy(-np.ones((10, 10)), mask))  # no positive relevance
+
+
+def test_rank_accuracy_by_hand_with_partial_ties():
+    mask = np.zeros((2, 4), bool)
+    mask[0, :2] = True  # K = 2
+    e = np.array([[3.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    # top-1 is (0,0) (inside); the second slot is one of five tied pixels, one of them inside: 1/5
+    assert M.relevance_rank_accuracy(e, mask) == pytest.approx((1 + 1 / 5) / 2)
+    e = np.array([[3.0, 2.0, 5.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert M.relevance_rank_accuracy(e, mask) == pytest.approx(0.5)  # top-2 = (0,2), (0,0)
+
+
+def test_pointing_game_hit_miss_and_tolerance():
+    mask = _square_mask()  # rows 2..4, cols 3..6
+    e = np.zeros((10, 10))
+    e[3, 4] = 1.0
+    assert M.pointing_game(e, mask) == 1.0
+    e = np.zeros((10, 10))
+    e[3, 7] = 1.0  # one pixel right of the mask
+    assert M.pointing_game(e, mask) == 0.0
+    assert M.pointing_game(e, mask, tolerance=1) == 1.0
+    e = np.zeros((10, 10))
+    e[8, 8] = 1.0  # distance to (4, 6): sqrt(16 + 4) ≈ 4.5
+    assert M.pointing_game(e, mask, tolerance=2) == 0.0
+    assert M.pointing_game(e, mask, tolerance=4.5) == 1.0
+    e = np.zeros((10, 10))
+    e[3, 4] = e[9, 9] = 1.0  # two tied maxima, one inside: expected hit rate 1/2
+    assert M.pointing_game(e, mask) == 0.5
+
+
+def test_energy_pointing_game_of_a_box():
+    e = np.zeros((6, 6))
+    e[1:3, 1:3] = 1.0  # 4 inside the box below
+    e[5, 5] = 2.0  # 2 outside
+    e[0, 0] = -3.0  # negative: ignored
+    assert M.energy_pointing_game(e, (1, 1, 3, 3)) == pytest.approx(4 / 6)
+    # a pixel belongs to the box when its centre does: (1.4, 1.4, 3.4, 3.4) holds centres 1.5 and 2.5 only
+    assert M.box_mask((1.4, 1.4, 3.4, 3.4), (6, 6)).sum() == 4
+    assert M.box_mask((1.4, 1.4, 3.6, 3.6), (6, 6)).sum() == 9  # centre 3.5 is inside too
+
+
+def test_leak_to_other_objects():
+    own = np.zeros((4, 4), bool)
+    own[0, :2] = True
+    other = np.zeros((4, 4), bool)
+    other[3, :] = True
+    other[0, 0] = True  # overlap with the explained object: not leak
+    e = np.zeros((4, 4))
+    e[own] = 1.0  # 2
+    e[3, :] = 0.5  # 2 on the other object
+    e[2, 2] = 1.0  # background
+    assert M.leak_to_other_objects(e, own, other[None]) == pytest.approx(2 / 5)
+    assert M.leak_to_other_objects(e, own, np.zeros((0, 4, 4), bool)) == 0.0
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="does not match"):
+        M.relevance_mass_accuracy(np.ones((4, 4)), np.ones((5, 5), bool))
+
+
+def test_conservation_and_rank_correlation():
+    assert M.conservation_error(0.9, 1.0) == pytest.approx(0.1)
+    assert M.conservation_error(-1.2, -1.0) == pytest.approx(0.2)
+    a = np.arange(16.0).reshape(4, 4)
+    assert M.rank_correlation(a, a ** 3) == pytest.approx(1.0)
+    assert M.rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert math.isnan(M.rank_correlation(a, np.ones((4, 4))))
+
+
+# ----------------------------------------------------------------------------- perturbation curves
+def _linear_model(weights):
+    """f(x) = Σ_p w_p · x_p over one channel: the score of a batch (B, 1, H, W)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    return lambda batch: (batch[:, 0].double() * w).flatten(1).sum(1)
+
+
+def test_deletion_and_insertion_of_a_linear_model_by_hand():
+    w = np.array([[4.0, 3.0], [2.0, 1.0]])
+    image = torch.ones(1, 2, 2, dtype=torch.float64)
+    neutral = torch.zeros_like(image)
+    score = _linear_model(w)
+    relevance = w * (image[0].numpy() - neutral[0].numpy())  # exact contributions
+    deletion = M.perturbation_curve(score, image, neutral, relevance, steps=4, mode="deletion")
+    insertion = M.perturbation_curve(score, image, neutral, relevance, steps=4, mode="insertion")
+    np.testing.assert_allclose(deletion, [10, 6, 3, 1, 0])
+    np.testing.assert_allclose(insertion, [0, 4, 7, 9, 10])
+    assert M.area_under_curve(deletion) == pytest.approx(0.25 * (10 / 2 + 6 + 3 + 1 + 0))
+    assert M.area_under_curve(insertion) == pytest.approx(0.25 * (0 + 4 + 7 + 9 + 10 / 2))
+    assert M.aopc(deletion, k=2) == pytest.approx((0 + 4 + 7) / 3)
+    # the relevance order gives the fastest drop: every other order has at least its deletion AUC
+    rng = np.random.default_rng(0)
+    best = M.area_under_curve(deletion)
+    for _ in range(20):
+        other = M.perturbation_curve(score, image, neutral, rng.random((2, 2)), steps=4)
+        assert M.area_under_curve(other) >= best - 1e-12
+    reverse = M.perturbation_curve(score, image, neutral, -relevance, steps=4)
+    np.testing.assert_allclose(reverse, [10, 9, 7, 4, 0])
+
+
+def test_curve_on_a_larger_linear_model_beats_random_and_known_endpoints_match():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 8))
+    image = torch.as_tensor(rng.random((1, 8, 8)))
+    neutral = M.mean_replacement(image)
+    score = _linear_model(w)
+    relevance = w * (image[0].numpy() - neutral[0].numpy())
+    ours = M.perturbation_curve(score, image, neutral, relevance, steps=16, batch_size=5)
+    random = M.perturbation_curve(score, image, neutral, rng.random((8, 8)), steps=16)
+    assert M.area_under_curve(ours) < M.area_under_curve(random)
+    ends = score(torch.stack([image, neutral])).numpy()
+    shortcut = M.perturbation_curve(score, image, neutral, relevance, steps=16, endpoints=(ends[0], ends[1]))
+    np.testing.assert_allclose(shortcut, ours)
+
+
+def test_perturbed_images_and_score_columns():
+    image = torch.arange(4.0).view(1, 2, 2) + 10
+    neutral = torch.zeros(1, 2, 2)
+    order = np.array([3, 0, 1, 2])
+    batch = M.perturbed_images(image, neutral, order, [0, 2, 4], "deletion")
+    np.testing.assert_array_equal(batch[1, 0].numpy(), [[0, 11], [12, 0]])
+    batch = M.perturbed_images(image, neutral, order, [1], "insertion")
+    np.testing.assert_array_equal(batch[0, 0].numpy(), [[0, 0], [0, 13]])
+    two = lambda b: torch.stack([b.flatten(1).sum(1), -b.flatten(1).sum(1)], 1)  # noqa: E731
+    curve = M.perturbation_curve(two, image, neutral, np.ones((2, 2)), steps=2)
+    assert curve.shape == (3, 2)
+    np.testing.assert_allclose(curve[:, 0], -curve[:, 1])
+
+
+def test_relevance_order_is_descending_with_seeded_ties():
+    e = np.array([[0.0, 5.0], [5.0, 1.0]])
+    order = M.relevance_order(e, seed=3)
+    assert set(order[:2]) == {1, 2} and list(order[2:]) == [3, 0]
+    np.testing.assert_array_equal(order, M.relevance_order(e, seed=3))
+
+
+def test_replacements():
+    image = torch.rand(3, 12, 10)
+    mean = M.mean_replacement(image)
+    torch.testing.assert_close(mean[:, 5, 5], image.mean((1, 2)))
+    flat = torch.full((3, 12, 10), 7.0)
+    torch.testing.assert_close(M.blur_replacement(flat, sigma=2.0), flat)
+    blurred = M.blur_replacement(image, sigma=2.0)
+    assert blurred.shape == image.shape and blurred.std() < image.std()
+
+
+def test_box_iou_cxcywh():
+    a = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.6, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]])
+    iou = M.box_iou_cxcywh(a, torch.tensor([0.5, 0.5, 0.2, 0.2]))
+    torch.testing.assert_close(iou, torch.tensor([1.0, 0.02 / 0.06, 0.0]))
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_t_interval_of_a_known_sample():
+    est = M.mean_ci([1, 2, 3, 4, 5])
+    # mean 3, s = sqrt(2.5), t_{0.975, 4} = 2.776445: half-width 2.776445 * sqrt(2.5) / sqrt(5)
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)
+    assert (est.mean, est.n) == (3.0, 5)
+    assert est.low == pytest.approx(3 - half, abs=1e-5) and est.high == pytest.approx(3 + half, abs=1e-5)
+    est = M.mean_ci([2.0, 2.0, 2.0, float("nan")])
+    assert (est.mean, est.low, est.high, est.n) == (2.0, 2.0, 2.0, 3)
+    one = M.mean_ci([4.0])
+    assert one.mean == 4.0 and math.isnan(one.low) and one.n == 1
+    assert M.mean_ci([]).n == 0
+
+
+def test_bootstrap_agrees_with_t_on_a_normal_sample():
+    values = np.random.default_rng(0).normal(1.0, 2.0, size=400)
+    t, boot = M.mean_ci(values), M.bootstrap_ci(values, n_resamples=4000, seed=1)
+    assert boot.mean == pytest.approx(t.mean)
+    assert boot.low == pytest.approx(t.low, abs=0.04) and boot.high == pytest.approx(t.high, abs=0.04)
+
+
+def test_paired_difference():
+    np.testing.assert_allclose(M.paired_difference([3, 2, np.nan], [1, 2, 0]), [2, 0, np.nan])
+    with pytest.raises(ValueError):
+        M.paired_difference([1, 2], [1])
+
+
+def test_hungarian_matching_of_detections():
+    from maskdino_lrp.eval.run import match_detections
+
+    det = SimpleNamespace(
+        query_indices=torch.tensor([4, 7, 4, 9]), labels=torch.tensor([1, 0, 2, 0]),
+        scores=torch.tensor([0.9, 0.8, 0.7, 0.1]),
+        boxes=torch.tensor([[0, 0, 10, 10], [0, 0, 9, 10], [20, 20, 30, 30], [20, 20, 30, 30.0]]))
+    gt_boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30.0]])
+    # query 4 is kept once (label 1); it and query 7 compete for object 0; object 1 has only a 0.1 detection
+    pairs = match_detections(det, gt_boxes, np.array([0, 0]), require_class=False)
+    assert [(p.query, p.gt) for p in pairs] == [(4, 0)]
+    pairs = match_detections(det, gt_boxes, np.array([0, 0]), require_class=True)
+    assert [(p.query, p.label, p.gt) for p in pairs] == [(7, 0, 0)]
+    pairs = match_detections(det, gt_boxes, np.array([1, 0]), score_threshold=0.0, require_class=True)
+    assert sorted((p.query, p.gt) for p in pairs) == [(4, 0), (9, 1)]
