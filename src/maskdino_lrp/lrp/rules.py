@@ -1,13 +1,26 @@
-"""LRP rules as modified gradients: each function computes the plain op's value, and its gradient is the rule.
+"""LRP rules as modified gradients: each function returns the plain op's value, and its gradient is the rule.
 
-Relevance at a tensor is gradient × input. Every rule here is written with ordinary differentiable
-torch ops and ``detach`` (no custom autograd functions), so it works unchanged under
-``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the backward).
+Relevance at a tensor ``t`` is ``t ⊙ g_t``, where ``g_t`` is the (modified) gradient. Seeding the gradient
+of an output ``z`` with ``R / z`` therefore puts relevance ``R`` on it, and every rule below turns the
+gradient arriving at its output into the gradient whose product with the input is the rule's relevance.
 
-The central device is :func:`modified`: the forward value is ``z``; the gradient flows through a
-*modified* pre-activation ``z_mod`` (the rule's weighting of the contributions) scaled by the constant
-``z / z_mod``. For an input-linear ``z_mod`` with contributions c_ij (Σ_i c_ij = z_mod_j) this gives
-R_i = Σ_j c_ij / z_mod_j · R_j — the generic LRP redistribution (Montavon et al. 2019).
+Conventions shared by every rule:
+
+- **Forward value**: bit-identical to the plain op (the rule only changes the backward pass).
+- **No custom autograd.Function**: each rule is ordinary differentiable torch ops plus ``detach``, so it
+  works unchanged under ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the backward:
+  many targets in one backward). The forward itself may branch on data (``x < 0`` anywhere), so the
+  rules are not meant for ``torch.func.vmap`` over the forward.
+- **Stabiliser**: :func:`stabilize` is ``z + ε·sign(z)`` with sign(0) = +1 (zennit's ``Stabilizer``;
+  LXT adds ``+ε`` whatever the sign). With ε = 0 a zero denominator yields zero relevance, not NaN.
+- **Contributions and denominators**: a rule for a layer ``z_j = Σ_i x_i w_ij + b_j`` is written as
+  contributions ``c_ij`` and a denominator ``d_j``; ``R_i = Σ_j c_ij / stabilize(d_j) · R_j``. Where the
+  rule is linear in the input (``c_ij = x_i · m_ij``) it is the gradient of a modified pre-activation
+  ``d`` times the constant ``z / stabilize(d)``, see :func:`redistribute`.
+
+Sign conventions of the positive-contribution rules (zennit's ``ZPlus`` and ``Gamma``): a contribution
+is *positive* when ``x_i w_ij > 0``, i.e. positive weight with positive input **or negative weight with
+negative input** (``x⁺w⁺ + x⁻w⁻``). For post-ReLU inputs (x ≥ 0) this is the textbook z⁺ / γ rule.
 """
 from __future__ import annotations
 
@@ -16,34 +29,64 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+Size = int | tuple[int, int]  # a conv / pool geometry argument, as torch.nn.functional takes it
 
+__all__ = [
+    "stabilize", "scale_gradient", "redistribute",
+    "linear_epsilon", "linear_gamma", "linear_zplus",
+    "conv2d_epsilon", "conv2d_gamma", "conv2d_zplus", "conv2d_flat", "conv2d_zbox",
+    "identity_rule", "layer_norm_lrp", "group_norm_lrp", "softmax_rule", "softmax_detached",
+    "uniform_product", "uniform_matmul", "uniform_einsum",
+    "maxpool2d_wta", "maxpool2d_proportional", "fold_batchnorm",
+]
+
+
+# ----------------------------------------------------------------------------- building blocks
 def stabilize(z: torch.Tensor, epsilon: float = 1e-9) -> torch.Tensor:
-    """z + ε·sign(z), with sign(0) = +1, so that the result is never zero."""
+    """z + ε·sign(z), with sign(0) = +1, so that the result is never zero for ε > 0."""
     return z + epsilon * (z >= 0).to(z.dtype).mul(2).sub(1)
 
 
-def modified(z: torch.Tensor, z_mod: torch.Tensor, epsilon: float = 1e-9) -> torch.Tensor:
-    """Value ``z``; gradient that of ``z_mod`` scaled by the constant z / stabilize(z_mod, ε)."""
-    ratio = (z / stabilize(z_mod, epsilon)).detach()
-    return z_mod * ratio + (z - z_mod * ratio).detach()
+def _with_value(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """Exactly ``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass.
 
-
-# ----------------------------------------------------------------------------- linear layers
-def epsilon_scaled(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``z`` itself, its incoming gradient scaled by z / (z + ε sign z) — the epsilon rule's only change.
-
-    Done with a tensor hook rather than :func:`modified`: no extra forward ops or saved tensors besides
-    the ratio (the hook also runs under batched, vmapped backward passes).
+    ``surrogate - surrogate.detach()`` is exactly zero for finite values, so the sum is bit-identical
+    to ``value``; only ``surrogate``'s graph receives the gradient.
     """
-    if z.requires_grad:
-        ratio = (z / stabilize(z, epsilon)).detach()
-        z.register_hook(lambda g: g * ratio)
-    return z
+    return value.detach() + (surrogate - surrogate.detach())
 
 
-def linear_epsilon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epsilon: float = 1e-6) -> torch.Tensor:
-    """Epsilon rule: R_i = Σ_j x_i w_ij / (z_j + ε sign z_j) · R_j; the bias and ε absorb the rest."""
-    return epsilon_scaled(F.linear(x, weight, bias), epsilon)
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The constant numerator / stabilize(denominator, ε); zero where the stabilised denominator is zero."""
+    d = stabilize(denominator.detach(), epsilon)
+    zero = d == 0
+    return torch.where(zero, torch.zeros_like(d), numerator.detach() / torch.where(zero, torch.ones_like(d), d))
+
+
+def scale_gradient(z: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """``z`` unchanged; the gradient flowing back through it multiplied by the constant ``factor``."""
+    if not z.requires_grad:
+        return z
+    factor = factor.detach() if isinstance(factor, torch.Tensor) else factor
+    return _with_value(z, z * factor)
+
+
+def redistribute(z: torch.Tensor, z_mod: torch.Tensor, epsilon: float = 1e-9) -> torch.Tensor:
+    """Value ``z``; gradient that of the modified pre-activation ``z_mod`` times the constant z / stabilize(z_mod).
+
+    For ``z_mod_j = Σ_i c_ij`` linear in the input x (``c_ij = x_i m_ij``) and the seed ``g_j = R_j / z_j``
+    this gives ``x_i g_i = Σ_j c_ij / stabilize(z_mod_j) · R_j`` — the generic LRP redistribution
+    (Montavon et al. 2019). A relevance "probe" input (see :func:`conv2d_zbox`) extends it to
+    contributions that are not proportional to x.
+    """
+    if not z_mod.requires_grad:
+        return z
+    return _with_value(z, z_mod * _ratio(z, z_mod, epsilon))
+
+
+def _traced(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these tensors (else a rule's extra work is skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _positive(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -54,13 +97,40 @@ def _negative(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def _gamma_pre_activation(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          z: torch.Tensor, gamma: float, bias_view: Callable) -> torch.Tensor:
-    """Sign-aware gamma pre-activation (zennit's Gamma): positive outputs amplify positive contributions
-    (x⁺(w + γw⁺) + x⁻(w + γw⁻)), negative outputs amplify negative ones; so z_mod has z's sign and
-    |z_mod| ≥ |z|, and the ratio z / z_mod stays in [0, 1] (no blow-up where z and Σ x(w + γw⁺) disagree).
+# ----------------------------------------------------------------------------- epsilon (linear, conv)
+def _epsilon(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The epsilon rule's only change: the gradient arriving at z scaled by z / (z + ε sign z)."""
+    if epsilon == 0:
+        return z
+    return scale_gradient(z, _ratio(z, z, epsilon))
 
-    For x ≥ 0 (post-ReLU, the usual CNN body) one extra op suffices: Σ x w⁻ = (z − b) − Σ x w⁺.
+
+def linear_epsilon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   epsilon: float = 1e-6) -> torch.Tensor:
+    """Epsilon rule for ``F.linear``: R_i = Σ_j x_i w_ij / (z_j + ε sign z_j) · R_j; ε = 0 is the plain gradient.
+
+    The bias and ε absorb the rest: Σ_i R_i = Σ_j R_j (z_j − b_j) / (z_j + ε sign z_j).
+    """
+    return _epsilon(F.linear(x, weight, bias), epsilon)
+
+
+def conv2d_epsilon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Size = 1,
+                   padding: Size = 0, dilation: Size = 1, groups: int = 1, epsilon: float = 1e-6) -> torch.Tensor:
+    """Epsilon rule for ``F.conv2d`` (same formula as :func:`linear_epsilon`, over receptive fields)."""
+    return _epsilon(F.conv2d(x, weight, bias, stride, padding, dilation, groups), epsilon)
+
+
+# ----------------------------------------------------------------------------- gamma and z+
+def _gamma_denominator(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       z: torch.Tensor, gamma: float, bias_view: Callable) -> torch.Tensor:
+    """zennit's generalised Gamma denominator, selected per output by the sign of z.
+
+    z_j > 0: Σ_i x⁺_i (w + γw⁺)_ij + x⁻_i (w + γw⁻)_ij + b_j + γ b⁺_j  (contributions c + γc⁺),
+    z_j < 0: Σ_i x⁺_i (w + γw⁻)_ij + x⁻_i (w + γw⁺)_ij + b_j + γ b⁻_j  (contributions c + γc⁻),
+    so the denominator has z's sign and |d| ≥ |z|. Outputs with z_j = 0 pass no relevance.
+
+    For x ≥ 0 (post-ReLU, the usual CNN body) one extra op suffices: Σ_i x_i w⁻_ij = (z − b)_j − Σ_i x_i w⁺_ij.
+    (The check for negative inputs is a host sync on accelerators, one per call.)
     """
     if bool((x < 0).any()):
         w_up, w_down = weight + gamma * _positive(weight), weight + gamma * _negative(weight)
@@ -80,156 +150,233 @@ def _gamma_pre_activation(op: Callable, x: torch.Tensor, weight: torch.Tensor, b
     return torch.where(z > 0, up, down)
 
 
+def _zplus_denominator(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """zennit's ZPlus denominator Σ_i (x⁺_i w⁺_ij + x⁻_i w⁻_ij) + b⁺_j: positive contributions only."""
+    positive = op(x.clamp(min=0), _positive(weight), _positive(bias))
+    if bool((x < 0).any()):
+        positive = positive + op(x.clamp(max=0), _negative(weight), None)
+    return positive
+
+
+def _linear_bias(b: torch.Tensor) -> torch.Tensor:
+    return b
+
+
 def _conv_bias(b: torch.Tensor) -> torch.Tensor:
     return b.view(1, -1, 1, 1)
 
 
 def linear_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: float = 0.25,
                  epsilon: float = 1e-9) -> torch.Tensor:
-    """Gamma rule: contributions of the output's own sign amplified by γ; γ→∞ approaches z+."""
+    """Gamma rule for ``F.linear``: contributions of the output's own sign amplified by γ.
+
+    R_i = Σ_j (c_ij + γ c^±_ij) / (Σ_i (c_ij + γ c^±_ij) + b_j + γ b^±_j) · R_j, c_ij = x_i w_ij, ± the sign of z_j
+    (see :func:`_gamma_denominator`). γ = 0 is LRP-0 (bias absorbing); γ → ∞ approaches z⁺.
+    """
     z = F.linear(x, weight, bias)
-    return modified(z, _gamma_pre_activation(F.linear, x, weight, bias, z, gamma, lambda b: b), epsilon)
+    if not _traced(x, weight, bias):
+        return z
+    return redistribute(z, _gamma_denominator(F.linear, x, weight, bias, z, gamma, _linear_bias), epsilon)
 
 
-def linear_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epsilon: float = 1e-9) -> torch.Tensor:
-    """z+ rule (α1β0): only positive contributions x⁺w⁺ + x⁻w⁻ redistribute relevance."""
+def linear_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 epsilon: float = 1e-9) -> torch.Tensor:
+    """z⁺ rule (α1β0) for ``F.linear``: R_i = Σ_j (x_i w_ij)⁺ / (Σ_i (x_i w_ij)⁺ + b⁺_j) · R_j."""
     z = F.linear(x, weight, bias)
-    z_mod = F.linear(x.clamp(min=0), _positive(weight)) + F.linear(x.clamp(max=0), _negative(weight))
-    return modified(z, z_mod, epsilon)
+    if not _traced(x, weight, bias):
+        return z
+    return redistribute(z, _zplus_denominator(F.linear, x, weight, bias), epsilon)
 
 
-# ----------------------------------------------------------------------------- convolutions
-def conv2d_epsilon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
-                   dilation=1, groups=1, epsilon: float = 1e-6) -> torch.Tensor:
-    """Epsilon rule for a 2-D convolution."""
-    return epsilon_scaled(F.conv2d(x, weight, bias, stride, padding, dilation, groups), epsilon)
+def conv2d_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Size = 1,
+                 padding: Size = 0, dilation: Size = 1, groups: int = 1, gamma: float = 0.25,
+                 epsilon: float = 1e-9) -> torch.Tensor:
+    """Gamma rule for ``F.conv2d`` (zennit's generalised ``Gamma``, see :func:`linear_gamma`)."""
+    def conv(t, w, b):
+        return F.conv2d(t, w, b, stride, padding, dilation, groups)
 
-
-def conv2d_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
-                 dilation=1, groups=1, gamma: float = 0.25, epsilon: float = 1e-9) -> torch.Tensor:
-    """Gamma rule for a convolution (sign-aware, see :func:`_gamma_pre_activation`)."""
-    conv = lambda t, w, b: F.conv2d(t, w, b, stride, padding, dilation, groups)
     z = conv(x, weight, bias)
-    return modified(z, _gamma_pre_activation(conv, x, weight, bias, z, gamma, _conv_bias), epsilon)
+    if not _traced(x, weight, bias):
+        return z
+    return redistribute(z, _gamma_denominator(conv, x, weight, bias, z, gamma, _conv_bias), epsilon)
 
 
-def conv2d_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
-                 dilation=1, groups=1, epsilon: float = 1e-9) -> torch.Tensor:
-    """z+ rule for a convolution: positive contributions x⁺w⁺ + x⁻w⁻ only (zennit's ZPlus); bias ignored."""
-    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    geometry = (stride, padding, dilation, groups)
-    z_mod = F.conv2d(x.clamp(min=0), _positive(weight), None, *geometry) \
-        + F.conv2d(x.clamp(max=0), _negative(weight), None, *geometry)
-    return modified(z, z_mod, epsilon)
+def conv2d_zplus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Size = 1,
+                 padding: Size = 0, dilation: Size = 1, groups: int = 1, epsilon: float = 1e-9) -> torch.Tensor:
+    """z⁺ rule for ``F.conv2d`` (zennit's ``ZPlus``, see :func:`linear_zplus`)."""
+    def conv(t, w, b):
+        return F.conv2d(t, w, b, stride, padding, dilation, groups)
+
+    z = conv(x, weight, bias)
+    if not _traced(x, weight, bias):
+        return z
+    return redistribute(z, _zplus_denominator(conv, x, weight, bias), epsilon)
 
 
-def conv2d_zbox(probe: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1,
-                padding=0, dilation=1, groups=1, low: torch.Tensor | float = 0.0, high: torch.Tensor | float = 1.0,
+# ----------------------------------------------------------------------------- first layer: z^B and flat
+def conv2d_zbox(probe: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: Size = 1, padding: Size = 0, dilation: Size = 1, groups: int = 1,
+                low: torch.Tensor | float = 0.0, high: torch.Tensor | float = 1.0,
                 epsilon: float = 1e-9) -> torch.Tensor:
-    """z^B rule for the layer that sees the pixels, bounded by ``low ≤ x ≤ high``.
+    """z^B rule for the layer that sees the pixels, bounded by ``low ≤ x ≤ high`` (zennit's ``ZBox``).
 
-    R_i = Σ_j (x_i w_ij − l_i w⁺_ij − h_i w⁻_ij) / z^B_j · R_j. The relevance is delivered to ``probe``
-    (a tensor of ones the size of ``x``): gradient × input at the probe is the pixel relevance, exactly,
-    even where x = 0 (a rule that is not proportional to x cannot be written as x ⊙ gradient).
+    R_i = Σ_j c_ij / Σ_i c_ij · R_j with c_ij = x_i w_ij − l_i w⁺_ij − h_i w⁻_ij (≥ 0 when low ≤ x ≤ high, not
+    checked); the bias takes no
+    relevance (as in zennit, where its terms cancel), so the rule conserves by construction.
+    The rule is not proportional to x, so it cannot be written as x ⊙ gradient: the relevance is
+    delivered to ``probe``, a tensor of ones shaped like ``x`` (probe ⊙ gradient at the probe = pixel
+    relevance, exactly, also where x = 0). The value returned is ``conv2d(x, weight, bias)``.
     """
     z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if not _traced(probe, weight):
+        return z
     geometry = (stride, padding, dilation, groups)
     low = torch.as_tensor(low, dtype=x.dtype, device=x.device)
     high = torch.as_tensor(high, dtype=x.dtype, device=x.device)
-    z_box = F.conv2d(x * probe, weight, bias, *geometry) \
+    z_box = F.conv2d(x.detach() * probe, weight, None, *geometry) \
         - F.conv2d(low * probe, _positive(weight), None, *geometry) \
         - F.conv2d(high * probe, _negative(weight), None, *geometry)
-    return modified(z, z_box, epsilon)
+    return redistribute(z, z_box, epsilon)
 
 
-def conv2d_flat(probe: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1,
-                padding=0, dilation=1, groups=1, epsilon: float = 1e-9) -> torch.Tensor:
-    """Flat rule: each output's relevance spread uniformly over its receptive field (delivered to ``probe``)."""
+def conv2d_flat(probe: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: Size = 1, padding: Size = 0, dilation: Size = 1, groups: int = 1,
+                epsilon: float = 1e-9) -> torch.Tensor:
+    """Flat rule (zennit's ``Flat``): each output's relevance spread uniformly over its receptive field.
+
+    R_i = Σ_j 1[i ∈ field(j)] / |field(j)| · R_j, where padding is not part of a field; delivered to
+    ``probe`` (ones shaped like ``x``, see :func:`conv2d_zbox`). The value returned is ``conv2d(x, weight, bias)``.
+    """
     z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if not _traced(probe):
+        return z
     z_flat = F.conv2d(probe, torch.ones_like(weight), None, stride, padding, dilation, groups)
-    return modified(z, z_flat, epsilon)
+    return redistribute(z, z_flat, epsilon)
 
 
-# ----------------------------------------------------------------------------- elementwise, norms, products
+# ----------------------------------------------------------------------------- elementwise, norms
 def identity_rule(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, epsilon: float = 1e-9) -> torch.Tensor:
-    """Identity rule for an elementwise nonlinearity y = f(x): R_x = R_y (gradient f(x)/x)."""
-    y = fn(x)
-    return modified(y, x, epsilon)
+    """Identity rule for an elementwise nonlinearity y = f(x) (AttnLRP eq. 9): R_x = R_y.
+
+    The gradient is g_out ⊙ f(x) / stabilize(x, ε). Where x = 0 but f(0) ≠ 0 (sigmoid, not ReLU/GELU)
+    R_y cannot be represented as x ⊙ g: that relevance is lost at x while the gradient there is
+    f(0)/ε. ``fn`` must be elementwise and must not modify its input in place.
+    """
+    if not _traced(x):
+        return fn(x)
+    with torch.no_grad():
+        y = fn(x)
+    return _with_value(y, x * _ratio(y, x, epsilon))
 
 
-def layer_norm_lrp(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None,
+def layer_norm_lrp(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None,
                    bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    """LN-rule (Ali et al. 2022): the standard deviation is a constant; centring and the affine map are linear."""
-    dims = tuple(range(-len(normalized_shape), 0))
-    centred = x - x.mean(dims, keepdim=True)
-    std = (centred.pow(2).mean(dims, keepdim=True) + eps).sqrt().detach()
-    y = centred / std
+    """LN-rule (Ali et al. 2022; AttnLRP): the std is a constant, centring and the affine map are linear.
+
+    The value is ``F.layer_norm``'s; the gradient is that of (x − mean(x)) / σ.detach() · γ + β.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not _traced(x, weight, bias):
+        return F.layer_norm(x, shape, weight, bias, eps)
+    with torch.no_grad():
+        value = F.layer_norm(x, shape, weight, bias, eps)
+    dims = tuple(range(-len(shape), 0))
+    std = (x.detach().var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+    y = (x - x.mean(dims, keepdim=True)) / std
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y
+    return _with_value(value, y)
 
 
 def group_norm_lrp(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float = 1e-5) -> torch.Tensor:
-    """LN-rule for GroupNorm over (B, C, ...): per-group std constant."""
+    """LN-rule for ``F.group_norm`` over (B, C, ...): per-group std constant, centring and affine linear."""
+    if not _traced(x, weight, bias):
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    with torch.no_grad():
+        value = F.group_norm(x, num_groups, weight, bias, eps)
     b, c = x.shape[:2]
-    grouped = x.reshape(b, num_groups, -1)
-    centred = grouped - grouped.mean(-1, keepdim=True)
-    std = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt().detach()
-    y = (centred / std).reshape(x.shape)
-    shape = (1, c) + (1,) * (x.dim() - 2)
+    grouped = x.reshape(b, num_groups, -1)  # (B, G, C/G · spatial)
+    std = (grouped.detach().var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    y = ((grouped - grouped.mean(-1, keepdim=True)) / std).reshape(x.shape)
+    channel = (1, c) + (1,) * (x.dim() - 2)
     if weight is not None:
-        y = y * weight.view(shape)
+        y = y * weight.view(channel)
     if bias is not None:
-        y = y + bias.view(shape)
-    return y
+        y = y + bias.view(channel)
+    return _with_value(value, y)
 
 
+# ----------------------------------------------------------------------------- softmax and products
 def softmax_rule(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """AttnLRP softmax rule R_x_i = x_i (R_i − s_i Σ_j R_j): the plain gradient × input already is it."""
+    """AttnLRP softmax rule (Achtibat et al. 2024, Prop. 3.1): R_x_i = x_i (R_i − s_i Σ_j R_j).
+
+    Plain gradient × input already is this rule, so this is ``torch.softmax``; it exists so that
+    composites can name it. It is not conservative (softmax is not homogeneous). Masked inputs (−inf)
+    get gradient 0 — nothing flows upstream from them — but −inf ⊙ 0 reads as NaN if relevance is taken
+    at the scores themselves (LXT sets those inputs to 0).
+    """
     return torch.softmax(x, dim)
 
 
 def softmax_detached(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """AH-rule: attention probabilities as constants (relevance only through the values)."""
+    """AH-rule (Ali et al. 2022): attention probabilities as constants, relevance only through the values."""
     return torch.softmax(x, dim).detach()
 
 
+def _uniform(y: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+    """Split y's relevance equally over the factors that carry gradient (AttnLRP's uniform rule, LXT's mul2)."""
+    variable = sum(bool(f.requires_grad) for f in factors)
+    return scale_gradient(y, 1.0 / variable) if variable > 1 else y
+
+
 def uniform_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Uniform rule for u ⊙ v with both variable: each factor receives half the relevance."""
-    return 0.5 * (u * v.detach()) + 0.5 * (u.detach() * v)
+    """Uniform rule for u ⊙ v: both variable ⇒ R_u = R_v = R/2 elementwise; a constant factor gets none."""
+    return _uniform(u * v, u, v)
 
 
 def uniform_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Uniform rule for a @ b (Q·Kᵀ, A·V): half the relevance to each factor."""
-    return 0.5 * torch.matmul(a, b.detach()) + 0.5 * torch.matmul(a.detach(), b)
+    """Uniform rule for a @ b (Q·Kᵀ, A·V): each variable factor gets half.
+
+    R_a_ik = Σ_j a_ik b_kj R_ij / (2 y_ij) and R_b_kj = Σ_i a_ik b_kj R_ij / (2 y_ij) (gradient halved).
+    """
+    return _uniform(torch.matmul(a, b), a, b)
 
 
 def uniform_einsum(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Uniform rule for a bilinear einsum of two variable tensors (e.g. mask_embed · mask_features)."""
-    return 0.5 * torch.einsum(equation, a, b.detach()) + 0.5 * torch.einsum(equation, a.detach(), b)
+    """Uniform rule for a bilinear einsum of two tensors (e.g. mask_embed · mask_features): half to each."""
+    return _uniform(torch.einsum(equation, a, b), a, b)
 
 
 # ----------------------------------------------------------------------------- pooling, canonization
-def maxpool2d_wta(x: torch.Tensor, kernel_size, stride=None, padding=0) -> torch.Tensor:
-    """Winner-take-all: the window's maximum takes all relevance (the plain gradient)."""
-    return F.max_pool2d(x, kernel_size, stride, padding)
+def maxpool2d_wta(x: torch.Tensor, kernel_size: Size, stride: Size | None = None, padding: Size = 0,
+                  dilation: Size = 1, ceil_mode: bool = False) -> torch.Tensor:
+    """Winner-take-all: each window's maximum takes all of its relevance (the plain gradient)."""
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
 
 
-def maxpool2d_proportional(x: torch.Tensor, kernel_size, stride=None, padding=0, epsilon: float = 1e-9) -> torch.Tensor:
-    """Proportional: each window's relevance split over its inputs in proportion to their values (x ≥ 0)."""
-    y = F.max_pool2d(x, kernel_size, stride, padding)
-    k = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size, kernel_size)
-    window_sum = F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=True) * (k[0] * k[1])
-    return modified(y, window_sum, epsilon)
+def maxpool2d_proportional(x: torch.Tensor, kernel_size: Size, stride: Size | None = None, padding: Size = 0,
+                           ceil_mode: bool = False,
+                           epsilon: float = 1e-9) -> torch.Tensor:
+    """Proportional rule: each window's relevance split over the window's inputs in proportion to their values.
+
+    R_i = Σ_{w ∋ i} x_i / stabilize(Σ_{k ∈ w} x_k) · R_w, summing over every (possibly overlapping)
+    window w that contains i; padding is not part of a window. This is LRP-0 of the sum pool with the
+    same windows, so it conserves; it is meant for x ≥ 0 (after a ReLU), where it is a convex split.
+    """
+    y = F.max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)
+    if not _traced(x):
+        return y
+    window_sum = F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad=True, divisor_override=1)
+    return redistribute(y, window_sum, epsilon)
 
 
 def fold_batchnorm(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, bn_weight: torch.Tensor,
                    bn_bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canonization: a frozen batch norm after a conv folded into the conv's weight and bias."""
+    """Canonization: a frozen batch norm after a conv (or linear) folded into its weight and bias."""
     scale = bn_weight * (running_var + eps).rsqrt()
     weight = conv_weight * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
     bias = bn_bias - running_mean * scale
