@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -128,7 +127,6 @@ class Session:
             raise EngineError("this session was cleaned up; call LRP.prepare(image) again")
         stops = _check_stops(stops)
         target_name, target_fn = get_target(target)
-        model = self.lrp.model
         logits = self.outputs["pred_logits"][0].detach()
         qs, labels = select_queries(parse_queries(queries), self.detections, logits.shape[0], logits)
         if qs.numel() == 0:

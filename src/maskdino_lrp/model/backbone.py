@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d
+
 __all__ = [
     "BLOCKS_PER_STAGE",
     "ShapeSpec",
@@ -128,24 +130,6 @@ def get_norm(norm: str | None, channels: int) -> nn.Module | None:
     if norm == "GN":
         return nn.GroupNorm(32, channels)
     raise ValueError(f"MODEL.RESNETS.NORM={norm!r} is not supported; use one of {list(NORMS)}")
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that applies its own ``norm`` and then, if set, ``activation`` (detectron2's wrapper)."""
-
-    def __init__(self, *args: Any, norm: nn.Module | None = None, activation: nn.Module | None = None,
-                 **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.norm = norm
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, norm: str, padding: int = 0, dilation: int = 1,

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .deform_attn import MSDeformAttn
-from .pixel_decoder import Conv2d, activation_module, c2_xavier_fill, get_valid_ratio
+from .layers import Conv2d
+from .pixel_decoder import activation_module, c2_xavier_fill, get_valid_ratio
 from .position_encoding import gen_sineembed_for_position
 
 __all__ = [

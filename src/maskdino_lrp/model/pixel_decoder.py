@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deform_attn import MSDeformAttn
+from .layers import Conv2d
 from .position_encoding import PositionEmbeddingSine
 
 __all__ = [
@@ -32,23 +33,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- detectron2 pieces, minimal
-class Conv2d(nn.Conv2d):
-    """detectron2's Conv2d: a conv followed by an optional ``norm`` module and ``activation`` module."""
-
-    def __init__(self, *args: Any, norm: nn.Module | None = None, activation: nn.Module | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.norm = norm
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
-
-
 def _floating(x: torch.Tensor) -> torch.Tensor:
     """Half-precision features up-cast to float32 (as official, for AMP); float32/float64 kept as they are."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
