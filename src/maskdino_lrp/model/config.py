@@ -24,7 +24,8 @@ class ConfigError(ValueError):
     """A config key or value the model does not know or support."""
 
 
-# Keys that shape the model at inference, with detectron2 / MaskDINO defaults.
+# Keys that shape the model at inference, with detectron2 / MaskDINO defaults (IN_FEATURES defaults to
+# the ResNet's res2..res5 rather than detectron2's FPN names p2..p5, which no MaskDINO config uses).
 DEFAULTS: dict[str, Any] = {
     "MODEL": {
         "META_ARCHITECTURE": "MaskDINO",
@@ -53,14 +54,14 @@ DEFAULTS: dict[str, Any] = {
             "NAME": "MaskDINOHead",
             "IN_FEATURES": ["res2", "res3", "res4", "res5"],
             "IGNORE_VALUE": 255,
-            "NUM_CLASSES": 80,
+            "NUM_CLASSES": 54,
             "LOSS_WEIGHT": 1.0,
-            "CONVS_DIM": 256,
+            "CONVS_DIM": 128,
             "MASK_DIM": 256,
             "NORM": "GN",
             "COMMON_STRIDE": 4,
             "PIXEL_DECODER_NAME": "MaskDINOEncoder",
-            "TRANSFORMER_ENC_LAYERS": 6,
+            "TRANSFORMER_ENC_LAYERS": 0,
             "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": ["res3", "res4", "res5"],
             "DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS": 4,
             "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS": 8,

@@ -7,59 +7,17 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .config import DEFAULTS, get
 from .decoder import MaskDINODecoder
 from .pixel_decoder import MaskDINOEncoder, normalize_input_shape
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MaskDINOHead", "build_sem_seg_head", "build_pixel_decoder", "build_transformer_decoder", "HEAD_DEFAULTS"]
+__all__ = ["MaskDINOHead", "build_sem_seg_head", "build_pixel_decoder", "build_transformer_decoder"]
 
 # Official defaults (detectron2 + maskdino/config.py) of the keys the head reads; used for absent keys.
 # detectron2's SEM_SEG_HEAD.NAME / IN_FEATURES defaults (SemSegFPNHead, p2..p5) make no sense for
 # MaskDINO, so the MaskDINO values are used for those two.
-HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "SEM_SEG_HEAD": {
-        "NAME": "MaskDINOHead",
-        "IN_FEATURES": ["res2", "res3", "res4", "res5"],
-        "IGNORE_VALUE": 255,
-        "NUM_CLASSES": 54,
-        "LOSS_WEIGHT": 1.0,
-        "CONVS_DIM": 128,
-        "MASK_DIM": 256,
-        "NORM": "GN",
-        "COMMON_STRIDE": 4,
-        "PIXEL_DECODER_NAME": "MaskDINOEncoder",
-        "TRANSFORMER_ENC_LAYERS": 0,
-        "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": ["res3", "res4", "res5"],
-        "DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS": 4,
-        "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS": 8,
-        "DIM_FEEDFORWARD": 1024,
-        "NUM_FEATURE_LEVELS": 3,
-        "TOTAL_NUM_FEATURE_LEVELS": 4,
-        "FEATURE_ORDER": "high2low",
-    },
-    "MaskDINO": {
-        "LEARN_TGT": False,
-        "SEMANTIC_CE_LOSS": False,
-        "NHEADS": 8,
-        "DROPOUT": 0.1,
-        "DIM_FEEDFORWARD": 2048,
-        "DEC_LAYERS": 6,
-        "INITIAL_PRED": True,
-        "HIDDEN_DIM": 256,
-        "NUM_OBJECT_QUERIES": 100,
-        "ENFORCE_INPUT_PROJ": False,
-        "TWO_STAGE": True,
-        "INITIALIZE_BOX_TYPE": "no",
-        "DN": "seg",
-        "DN_NOISE_SCALE": 0.4,
-        "DN_NUM": 100,
-        "TRANSFORMER_DECODER_NAME": "MaskDINODecoder",
-        "TEST": {"SEMANTIC_ON": True, "PANOPTIC_ON": False},
-    },
-}
-
-
 def _get(cfg: Mapping[str, Any], section: str, key: str) -> Any:
     """``cfg["MODEL"][section][key...]`` (key may be dotted, e.g. "TEST.SEMANTIC_ON"); also accepts the
     flat ``cfg["MODEL.<section>"]`` layout of the fixtures' config.json; official default if absent."""
@@ -73,10 +31,7 @@ def _get(cfg: Mapping[str, Any], section: str, key: str) -> Any:
             node = node[part]
         if node is not None:
             return node
-    node = HEAD_DEFAULTS[section]
-    for part in parts:
-        node = node[part]
-    return node
+    return get(DEFAULTS, f"MODEL.{section}.{key}")
 
 
 def _require(value: Any, allowed: tuple, key: str) -> Any:
