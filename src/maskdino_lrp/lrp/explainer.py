@@ -143,7 +143,10 @@ class Session:
         sums = _batched_relevance(values, seeds, inputs, reducers, self.lrp.chunk_size, retain_graph,
                                   self.lrp.batch_mode)
         backward_seconds = time.perf_counter() - start
-        relevance = {k: v for k, v in sums.items() if not k.startswith(("ledger:", "channels:", "padding"))}
+        relevance = {k: v for k, v in sums.items() if not k.startswith(("ledger:", "channels:", "padding", "memory@"))}
+        memory = [sums[k] for k in sorted((k for k in sums if k.startswith("memory@")), key=lambda k: int(k[7:]))]
+        if memory:  # the decoder's memory maps, flattened in the encoder's level order: (K, T)
+            relevance["memory"] = torch.cat(memory, dim=1)
         channels = {k[len("channels:"):]: v for k, v in sums.items() if k.startswith("channels:")}
         conservation = self._conservation(values.detach(), sums, stops)
         return Explanation(

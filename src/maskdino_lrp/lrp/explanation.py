@@ -30,6 +30,7 @@ class Explanation:
     ``relevance[stop]`` holds token relevance summed over channels, first axis K (one row per query):
     ``pixels`` (K, H, W) at the model input (resized, padding cropped), ``backbone.res*`` (K, h, w),
     ``encoder_input`` / ``encoder_layer{i}`` / ``memory`` (K, T) tokens in :attr:`levels` order,
+    ``lateral{i}`` (K, h, w) the FPN's lateral features (with ``memory``, a complete cut),
     ``mask_features`` (K, h, w), ``query_init`` / ``decoder_layer{i}`` (K, Q) per query state.
     ``conservation`` maps each complete cut of the graph to per-query sums (see :meth:`conservation_table`).
     """
@@ -82,6 +83,24 @@ class Explanation:
                     f"{float(row['residual'][i]):>10.3g} {float(row['residual'][i]) / (abs(t) + 1e-12):>9.2e}"
                 )
         return "\n".join(lines)
+
+    def save(self, out_dir, image_name: str | None = None, **kwargs) -> dict:
+        """Write CSVs, raw arrays, overlays and summary.json for every query (see analysis.export)."""
+        from ..analysis.export import save_explanation
+
+        return save_explanation(self, out_dir, image_name, **kwargs)
+
+    def to_csv(self, path, stops=None) -> None:
+        """One CSV of token relevance for every query and token stop."""
+        from ..analysis.export import explanation_to_csv
+
+        explanation_to_csv(self, path, stops)
+
+    def plot(self, path, k: int = 0, stop: str | None = None) -> None:
+        """A PNG overlay of query row ``k``'s relevance at ``stop`` (pixels by default)."""
+        from ..analysis.export import plot_explanation
+
+        plot_explanation(self, path, k, stop)
 
     def __repr__(self) -> str:
         return (f"Explanation({len(self)} queries {self.queries.tolist()}, target={self.target!r}, "

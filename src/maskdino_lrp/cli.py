@@ -1,0 +1,338 @@
+"""The ``maskdino-lrp`` command line: a thin layer over the library.
+
+Exit codes: 0 success; 1 the command ran but found problems (validation failures, images that could
+not be explained); 2 bad input (arguments, config, checkpoint, images, output folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from typing import Sequence
+
+PROG = "maskdino-lrp"
+log = logging.getLogger("maskdino_lrp.cli")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``maskdino-lrp: error: …``) instead of usage + message."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        hint = f" (see '{self.prog} --help')"
+        raise CliError(message + hint)
+
+
+_EPILOG_EXPLAIN = """\
+examples:
+  maskdino-lrp explain street.jpg --config maskdino_r50_3s_coco --checkpoint model_final.pth --out runs/street
+  maskdino-lrp explain images/ --config tiny --queries thr:0.5 --stops pixels,encoder_input,memory --out runs/a
+
+Each image gets a folder under --out with, per explained query, token CSVs (level,y,x,relevance,raw;
+relevance sums to 1), per-layer totals, raw arrays (.npz), metadata JSON and PNG overlays; the run
+gets manifest.json and report.html. Re-running the same command resumes: finished images are skipped.
+A bad image is reported and skipped (exit code 1 at the end); bad arguments exit with code 2.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``800`` (square) or ``WIDTHxHEIGHT`` → (height, width)."""
+    try:
+        if "x" in text.lower():
+            w, h = (int(v) for v in text.lower().split("x"))
+        else:
+            w = h = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 800 or 1333x800 (width×height), got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .analysis.export import FORMATS
+    from .analysis.validate import DEFAULT_MAX_RESIDUAL, DEFAULT_TOLERANCE
+    from .lrp.composites import composite_names
+    from .lrp.explainer import DEFAULT_STOPS, STOPS
+    from .lrp.targets import TARGETS
+
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="debug logging (memory per stage) and tracebacks on errors")
+
+    parser = _Parser(prog=PROG, description="Layer-wise Relevance Propagation for MaskDINO: explain detections, "
+                     "check written explanations, estimate memory.",
+                     epilog="Run 'maskdino-lrp COMMAND --help' for a command's options. LOGLEVEL=DEBUG also turns on "
+                     "debug logging.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="debug logging (memory per stage) and tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("explain", parents=[common], help="explain detections of images (files or folders)",
+                       description="Explain the detections of every image (files, or folders searched recursively) "
+                       "and write CSVs, arrays, overlays and report.html.", epilog=_EPILOG_EXPLAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders of images")
+    p.add_argument("--config", required=True, metavar="CFG",
+                   help="preset name (tiny, maskdino_r50_3s_coco, …) or an official MaskDINO YAML")
+    p.add_argument("--checkpoint", metavar="CKPT", help="weights: official .pth / detectron2 .pkl / .safetensors "
+                   "(without: random weights, seeded by --seed)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; a rerun resumes in it)")
+    p.add_argument("--queries", default="topk:5", metavar="SPEC",
+                   help="which queries: topk:N (best N detections), thr:0.5 (score threshold), 3,7 (query indices) "
+                   "or all (default: %(default)s)")
+    p.add_argument("--target", default="class", metavar="NAME",
+                   help=f"what to explain: {', '.join(TARGETS)} (default: %(default)s)")
+    p.add_argument("--stops", default=",".join(DEFAULT_STOPS), metavar="LIST",
+                   help=f"where to keep relevance, comma-separated from: {', '.join(STOPS)} (default: %(default)s)")
+    p.add_argument("--composite", default="default", metavar="NAME",
+                   help=f"LRP rule composite: {', '.join(composite_names())} (default: %(default)s)")
+    p.add_argument("--chunk-size", type=_positive_int, default=16, metavar="N",
+                   help="targets per batched backward (default: %(default)s)")
+    p.add_argument("--memory-budget", type=_positive_float, metavar="GB",
+                   help="lower the chunk size so that the memory estimate fits this budget")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype (default: %(default)s)")
+    p.add_argument("--keep-channels", action="store_true", help="also keep per-channel token relevance (in the .npz)")
+    p.add_argument("--formats", default=",".join(FORMATS), metavar="LIST",
+                   help=f"outputs besides the metadata JSON: {', '.join(FORMATS)} or all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed for random-weight models (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("validate", parents=[common], help="check written explanations (a run folder or one CSV)",
+                       description="Check an output folder or a single file: token CSVs sum to 1, no NaN/Inf, "
+                       "conservation within range, referenced files exist; prints distribution statistics with --all.")
+    p.add_argument("path", metavar="PATH", help="run folder, image folder, or a CSV / metadata JSON / npz file")
+    p.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
+                   help="allowed |Σ relevance − 1| (default: %(default)g)")
+    p.add_argument("--max-residual", type=_positive_float, default=DEFAULT_MAX_RESIDUAL,
+                   help="allowed |residual| / |target| at a complete cut (default: %(default)g)")
+    p.add_argument("--all", action="store_true", help="print every check, not only the failures")
+    p.add_argument("--json", metavar="FILE", help="also write the checks and statistics to this JSON file")
+
+    p = sub.add_parser("estimate", parents=[common], help="memory and time an LRP run needs, before running it",
+                       description="Estimate the memory (forward, backward per target, total) and time of explaining "
+                       "QUERIES targets of one image, from the config's shapes; recommend a chunk size for a budget.")
+    p.add_argument("--config", required=True, metavar="CFG", help="preset name or official MaskDINO YAML")
+    p.add_argument("--image-size", type=_image_size, required=True, metavar="SIZE",
+                   help="input image size: 800 (square) or WIDTHxHEIGHT, before the model's resize")
+    p.add_argument("--queries", type=_positive_int, required=True, metavar="K", help="number of explained queries")
+    p.add_argument("--memory-budget", type=_positive_float, metavar="GB", help="memory available, for the chunk size")
+    p.add_argument("--chunk-size", type=_positive_int, metavar="N", help="chunk size to estimate (default: recommended)")
+    p.add_argument("--stops", default=",".join(DEFAULT_STOPS), metavar="LIST", help="stops (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--keep-channels", action="store_true")
+    p.add_argument("--gflops", type=_positive_float, metavar="N",
+                   help="this machine's matmul throughput in GFLOP/s (default: measured by a 0.1 s probe)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads for the probe")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    sub.add_parser("bench", help="benchmarks (options: maskdino-lrp bench --help)", add_help=False)
+    p = sub.add_parser("demo", parents=[common], help="explain a generated image with the shipped demo model",
+                       description="Generate a synthetic shapes image, detect and explain objects with the shipped "
+                       "demo model, write overlays, CSVs and report.html.")
+    p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default: %(default)s)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+def _cmd_explain(args) -> int:
+    from .analysis.export import FORMATS
+    from .analysis.runner import BatchExplainer, LRPOptions, check_inputs, check_output_folder
+    from .lrp.composites import get_composite
+    from .lrp.targets import get_target, parse_queries
+    from .model.config import load_config
+
+    # every check that needs no model first, cheapest first
+    parse_queries(args.queries)
+    get_target(args.target)
+    get_composite(args.composite)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in (*FORMATS, "all")]
+    if bad or not formats:
+        raise CliError(f"unknown output format {(bad or [''])[0]!r}; choose from {', '.join(FORMATS)} or all")
+    options = LRPOptions(chunk_size=args.chunk_size, stops=args.stops, keep_channels=args.keep_channels,
+                         dtype=args.dtype, memory_budget_gb=args.memory_budget)
+    load_config(args.config)
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise CliError(f"checkpoint not found: {args.checkpoint}")
+    check_inputs(args.images)
+    check_output_folder(args.out)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    runner = BatchExplainer(args.config, args.out, checkpoint=args.checkpoint, queries=args.queries,
+                            target=args.target, composite=args.composite, options=options, formats=formats,
+                            seed=args.seed, progress=not args.no_progress)
+    runner.load_manifest()  # a folder with other settings is an input error, before the model is built
+    counts = runner.run_all(args.images)
+    print(f"{counts['done']} image(s) explained ({counts['queries']} queries), {counts['skipped']} already done, "
+          f"{counts['failed']} failed; report: {os.path.join(args.out, 'report.html')}")
+    if counts["failed"]:
+        if counts["done"] + counts["skipped"] == 0:
+            source, error = counts["failures"][0]
+            raise CliError(f"no image could be explained ({source}: {error})")
+        print(f"{PROG}: warning: {counts['failed']} image(s) failed; see {os.path.join(args.out, 'manifest.json')}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .analysis.export import atomic_write_json
+    from .analysis.validate import validate
+
+    if not os.path.exists(args.path):
+        raise CliError(f"nothing to validate: {args.path} does not exist")
+    result = validate(args.path, tolerance=args.tolerance, max_residual=args.max_residual)
+    if args.json:
+        atomic_write_json(args.json, result.to_dict())
+    if args.all:
+        print(result.table())
+    elif not result.ok:
+        print(result.table(failed_only=True, max_rows=200))
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def _cmd_estimate(args) -> int:
+    from .analysis.estimate import estimate
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    est = estimate(args.config, args.image_size, args.queries, memory_budget_gb=args.memory_budget,
+                   chunk_size=args.chunk_size, stops=args.stops, dtype=args.dtype, keep_channels=args.keep_channels,
+                   gflops=args.gflops)
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        print(est.table())
+    return 0
+
+
+def _lazy(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"maskdino_lrp.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"maskdino_lrp.{module}":
+            raise CliError(f"{what} is not available in this installation (maskdino_lrp.{module} is missing)") from None
+        raise
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    bench = _lazy("bench", "the benchmark")
+    if not hasattr(bench, "main"):
+        raise CliError("the benchmark is not available: maskdino_lrp.bench has no main()")
+    return int(bench.main(argv) or 0)
+
+
+def _cmd_demo(args) -> int:
+    demo = _lazy("demo", "the demo")
+    if not hasattr(demo, "run"):
+        raise CliError("the demo is not available: maskdino_lrp.demo has no run()")
+    demo.run(args.out)
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose else None
+    env = os.environ.get("LOGLEVEL", "").upper()
+    if level is None and env:
+        level = getattr(logging, env, None) if isinstance(getattr(logging, env, None), int) else None
+    if level is None:
+        return
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    root.setLevel(level)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .analysis.estimate import EstimateError
+    from .analysis.export import ExportError
+    from .analysis.runner import RunError
+    from .lrp.composites import RuleError
+    from .lrp.engine import EngineError
+    from .lrp.targets import TargetError
+    from .model.config import ConfigError
+    from .model.maskdino import ImageError
+
+    return (CliError, ConfigError, ImageError, TargetError, RuleError, EngineError, RunError, ExportError,
+            EstimateError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``maskdino-lrp``; returns the exit code (0 ok, 1 problems found, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = sum(1 for a in argv if a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}))
+    debug = bool(verbose) or os.environ.get("LOGLEVEL", "").upper() == "DEBUG"
+    errors: tuple = (CliError,)
+    try:
+        errors = _user_errors()
+        # bench takes its own options (and --help): hand everything after the word over
+        globals_, rest = [], argv
+        while rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help", "--version"):
+            globals_.append(rest[0])
+            rest = rest[1:]
+        if rest and rest[0] == "bench":
+            _setup_logging(verbose)
+            return _cmd_bench(rest[1:])
+        args = build_parser().parse_args(argv)
+        _setup_logging(getattr(args, "verbose", 0) or verbose)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        handler = {"explain": _cmd_explain, "validate": _cmd_validate, "estimate": _cmd_estimate,
+                   "demo": _cmd_demo}[args.command]
+        return handler(args)
+    except errors as exc:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, FileNotFoundError) and exc.filename:
+            message = f"{exc.strerror or 'not found'}: {exc.filename}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
