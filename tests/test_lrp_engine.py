@@ -218,3 +218,11 @@ def test_decoder_only_then_encoder_only_is_the_whole_path(model64, image):
     with pytest.raises(EngineError, match="must be"):
         session.propagate(enc_out[:, :5])
     session.cleanup()
+
+
+def test_box_target_accounts_the_reference_box_as_positional(model64, image):
+    """box = sigmoid(delta + inverse_sigmoid(reference)): the reference's share is positional, not residual."""
+    expl = LRP(model64, composite="conservative").explain(image, queries=[0, 2], target="box:cx", stops=["pixels"])
+    row = expl.conservation["pixels"]
+    assert torch.all(row["positional"].abs() > 0)
+    assert torch.allclose(row["total"] + row["embeddings"] + row["positional"], row["target"], rtol=1e-5)

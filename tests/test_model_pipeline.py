@@ -74,6 +74,14 @@ def test_bad_images_get_clear_errors(tiny, image, message):
         tiny.predict(image)
 
 
+def test_too_few_encoder_tokens_for_the_queries_is_a_clear_error():
+    torch.manual_seed(0)
+    model = build_model("tiny", overrides={"MODEL.MaskDINO.NUM_OBJECT_QUERIES": 400})
+    assert model.encoder_tokens(128, 128) == 16 * 16 + 8 * 8 + 4 * 4
+    with pytest.raises(ImageError, match="its 336 encoder tokens are fewer than the model's 400 queries"):
+        model.predict(np.zeros((64, 64, 3), np.uint8))
+
+
 def test_checkpoint_for_a_different_config_is_refused(tiny, tmp_path):
     torch.manual_seed(0)
     other = build_model("tiny", overrides={"MODEL.SEM_SEG_HEAD.NUM_CLASSES": 7})

@@ -74,6 +74,9 @@ def _record_stops(model: nn.Module, state: LRPState) -> Iterator[None]:
     def on_ref_head(_m, args):  # sine embedding of (detached) reference boxes: positional
         return (state.ledger.track("positional", f"{_PREDICTOR}.decoder.ref_point_head.input", args[0]),) + args[1:]
 
+    def on_box_reference(_m, _args, out):  # the box a layer refines: positional, not content
+        return state.ledger.track("positional", f"{_PREDICTOR}.box_reference", out)
+
     def on_lateral(_m, _args, out):
         rec.setdefault("lateral", []).append(out)
 
@@ -93,6 +96,8 @@ def _record_stops(model: nn.Module, state: LRPState) -> Iterator[None]:
     if getattr(decoder, "ref_point_head", None) is not None:
         handles.append(decoder.ref_point_head.register_forward_pre_hook(on_ref_head))
     handles.append(head.predictor.decoder_norm.register_forward_hook(on_decoder_norm))
+    if hasattr(head.predictor, "box_reference"):
+        handles.append(head.predictor.box_reference.register_forward_hook(on_box_reference))
     for name, module in head.pixel_decoder.named_children():
         if name.startswith("adapter_"):
             handles.append(module.register_forward_hook(on_lateral))

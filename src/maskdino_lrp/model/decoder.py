@@ -355,6 +355,8 @@ class MaskDINODecoder(nn.Module):
 
         self.mask_product = MaskProduct("bqc,bchw->bqhw")
         self.box_sigmoid = nn.Sigmoid()
+        # the input box each layer refines, unsigmoided: a named point where LRP treats it as positional
+        self.box_reference = nn.Identity()
 
     get_valid_ratio = staticmethod(get_valid_ratio)
 
@@ -374,7 +376,7 @@ class MaskDINODecoder(nn.Module):
         """Boxes per layer (stacked): each layer's delta on the inverse sigmoid of its input box."""
         coords = [] if ref0 is None else [ref0]
         for layer_ref_sig, layer_bbox_embed, layer_hs in zip(reference[:-1], self.bbox_embed, hs):
-            unsig = layer_bbox_embed(layer_hs) + inverse_sigmoid(layer_ref_sig)
+            unsig = layer_bbox_embed(layer_hs) + self.box_reference(inverse_sigmoid(layer_ref_sig))
             coords.append(self.box_sigmoid(unsig))
         return torch.stack(coords)
 

@@ -181,11 +181,30 @@ class MaskDINO(nn.Module):
                 "(the backbone's largest stride)"
             )
         resized = resize_shortest_edge(rgb, self.min_size_test, self.max_size_test)
+        tokens = self.encoder_tokens(*resized.shape[:2])
+        if tokens < self.num_queries:
+            raise ImageError(
+                f"image is {w}×{h} px (resized to {resized.shape[1]}×{resized.shape[0]}): its {tokens} encoder tokens "
+                f"are fewer than the model's {self.num_queries} queries; give a larger image or raise INPUT.MIN_SIZE_TEST"
+            )
         x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
         if self.input_format == "BGR":
             x = x.flip(0)
         x = x.to(self.pixel_mean)  # device and dtype (float64 models work too)
         return PreparedImage(self.normalize_and_pad(x[None]), resized.shape[:2], (h, w), rgb)
+
+    def encoder_tokens(self, height: int, width: int) -> int:
+        """Number of encoder tokens for an input of ``height`` × ``width`` (before padding)."""
+        d = max(self.size_divisibility, 1)
+        hp, wp = -(-height // d) * d, -(-width // d) * d
+        decoder = self.sem_seg_head.pixel_decoder
+        strides = {name: s for name, (_, s) in self.backbone.output_shape().items()}
+        sizes = [(-(-hp // strides[f]), -(-wp // strides[f])) for f in decoder.transformer_in_features]
+        h, w = min(sizes)
+        for _ in range(decoder.total_num_feature_levels - len(sizes)):  # extra stride-2 levels
+            h, w = -(-h // 2), -(-w // 2)
+            sizes.append((h, w))
+        return sum(a * b for a, b in sizes)
 
     def normalize_and_pad(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) pixel values → normalised, zero-padded to a multiple of SIZE_DIVISIBILITY."""
