@@ -156,10 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
     sub.add_parser("bench", help="benchmarks (options: maskdino-lrp bench --help)", add_help=False)
+    sub.add_parser("evaluate", help="explanation quality: methods × metrics (options: maskdino-lrp evaluate --help)",
+                   add_help=False)
+    sub.add_parser("train", help="train the demo model (options: maskdino-lrp train --help)", add_help=False)
     p = sub.add_parser("demo", parents=[common], help="explain a generated image with the shipped demo model",
                        description="Generate a synthetic shapes image, detect and explain objects with the shipped "
                        "demo model, write overlays, CSVs and report.html.")
     p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="image seed (default: a fresh one, printed)")
+    p.add_argument("--top", type=_positive_int, default=3, help="detections to explain (default: %(default)s)")
+    p.add_argument("--composite", default="default", help="LRP composite (default: %(default)s)")
     return parser
 
 
@@ -259,11 +265,29 @@ def _cmd_bench(argv: list[str]) -> int:
     return int(bench.main(argv) or 0)
 
 
+def _cmd_evaluate(argv: list[str]) -> int:
+    from .eval.run import main as evaluate_main
+
+    return int(evaluate_main(argv) or 0)
+
+
+def _cmd_train(argv: list[str]) -> int:
+    from .train.__main__ import main as train_main
+
+    return int(train_main(argv) or 0)
+
+
+_PASS_THROUGH = {"bench": _cmd_bench, "evaluate": _cmd_evaluate, "train": _cmd_train}
+
+
 def _cmd_demo(args) -> int:
     demo = _lazy("demo", "the demo")
     if not hasattr(demo, "run"):
         raise CliError("the demo is not available: maskdino_lrp.demo has no run()")
-    demo.run(args.out)
+    from .lrp.composites import get_composite
+
+    get_composite(args.composite)  # an unknown name is a one-line error before any work
+    demo.run(args.out, seed=args.seed, top=args.top, composite=args.composite)
     return 0
 
 
@@ -308,9 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         while rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help", "--version"):
             globals_.append(rest[0])
             rest = rest[1:]
-        if rest and rest[0] == "bench":
+        if rest and rest[0] in _PASS_THROUGH:
             _setup_logging(verbose)
-            return _cmd_bench(rest[1:])
+            return _PASS_THROUGH[rest[0]](rest[1:])
         args = build_parser().parse_args(argv)
         _setup_logging(getattr(args, "verbose", 0) or verbose)
         if args.command is None:
