@@ -19,6 +19,9 @@ def load_demo_model(weights: str | Path | None = None):
     if path.is_file():
         return build_model("demo", checkpoint=path, strict=True), True
     log.warning("demo weights %s not found: using random weights, the explanations will mean nothing", path)
+    import torch
+
+    torch.manual_seed(0)  # the same random model every time
     return build_model("demo"), False
 
 
