@@ -423,42 +423,13 @@ def _deform_forward(module: nn.Module, records: list) -> Callable:
 
 def _mha_forward(module: nn.MultiheadAttention, records: list) -> Callable:
     """nn.MultiheadAttention's inference computation with the probabilities kept in the graph."""
-    if module.bias_k is not None or module.add_zero_attn:
-        raise MethodError("attention recording does not support add_bias_kv / add_zero_attn")
+    from ..lrp.engine import multihead_attention
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if module.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        tgt_len, bsz, embed = query.shape
-        heads = module.num_heads
-        head_dim = embed // heads
-        if module._qkv_same_embed_dim:
-            wq, wk, wv = module.in_proj_weight.chunk(3)
-        else:
-            wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
-        bq, bk, bv = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, wq, bq).reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1)
-        k = F.linear(key, wk, bk).reshape(key.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        v = F.linear(value, wv, bv).reshape(value.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        scores = torch.bmm(q * head_dim ** -0.5, k.transpose(1, 2))  # (B*H, Lq, Lk)
-        if attn_mask is not None:
-            mask = attn_mask if attn_mask.dim() == 3 else attn_mask[None]
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        if key_padding_mask is not None:
-            pad = key_padding_mask.view(bsz, 1, 1, -1).expand(bsz, heads, 1, -1).reshape(bsz * heads, 1, -1)
-            scores = scores.masked_fill(pad, float("-inf"))
-        attn = torch.softmax(scores, -1)
-        records.append(MHARecord(attn))
-        out = torch.bmm(attn, v).transpose(0, 1).reshape(tgt_len, bsz, embed)
-        out = module.out_proj(out)
-        if module.batch_first:
-            out = out.transpose(0, 1)
-        weights = None
-        if need_weights:
-            weights = attn.detach().view(bsz, heads, tgt_len, -1)
-            weights = weights.mean(1) if average_attn_weights else weights
-        return out, weights
+        return multihead_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, in_proj_bias=module.in_proj_bias,
+                                   record=lambda attn: records.append(MHARecord(attn)))
 
     return forward
 

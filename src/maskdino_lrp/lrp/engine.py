@@ -165,57 +165,70 @@ def _max_pool_forward(module: nn.MaxPool2d, rule: Rule) -> Callable:
     return forward
 
 
+def multihead_attention(module: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+                        need_weights=True, attn_mask=None, average_attn_weights=True, *,
+                        in_proj_bias: torch.Tensor | None = None,
+                        project: Callable = F.linear, scores: Callable = torch.bmm,
+                        probabilities: Callable = lambda s: torch.softmax(s, -1), mix: Callable = torch.bmm,
+                        record: Callable | None = None):
+    """nn.MultiheadAttention's computation (sequence- or batch-first) with each step replaceable.
+
+    ``project(x, w, b)`` the q/k/v projections, ``scores(q, kᵀ)``, ``probabilities(scores)``,
+    ``mix(attention, v)``; ``record(attention)`` sees the (B·H, Lq, Lk) probabilities. The LRP rules
+    and the attention-based baselines (rollout, Chefer) both build on this one function.
+    """
+    if module.bias_k is not None or module.add_zero_attn:
+        raise EngineError("nn.MultiheadAttention with add_bias_kv / add_zero_attn is not supported")
+    if module.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    tgt_len, bsz, embed = query.shape
+    heads = module.num_heads
+    head_dim = embed // heads
+    if module._qkv_same_embed_dim:
+        wq, wk, wv = module.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+    bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+    # (L, B, E) -> (B*H, L, d)
+    q = project(query, wq, bq).reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1) / math.sqrt(head_dim)
+    k = project(key, wk, bk).reshape(key.shape[0], bsz * heads, head_dim).transpose(0, 1)
+    v = project(value, wv, bv).reshape(value.shape[0], bsz * heads, head_dim).transpose(0, 1)
+    logits = scores(q, k.transpose(1, 2))
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dim() == 3 else attn_mask[None]
+        logits = logits.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    if key_padding_mask is not None:
+        pad = key_padding_mask.view(bsz, 1, 1, -1).expand(bsz, heads, 1, -1).reshape(bsz * heads, 1, -1)
+        logits = logits.masked_fill(pad, float("-inf"))
+    attn = probabilities(logits)
+    if record is not None:
+        record(attn)
+    out = module.out_proj(mix(attn, v).transpose(0, 1).reshape(tgt_len, bsz, embed))
+    if module.batch_first:
+        out = out.transpose(0, 1)
+    weights = None
+    if need_weights:
+        weights = attn.detach().view(bsz, heads, tgt_len, -1)
+        weights = weights.mean(1) if average_attn_weights else weights
+    return out, weights
+
+
 def _mha_forward(name: str, module: nn.MultiheadAttention, rule: Rule, linear_rule: Rule, ledger: Ledger) -> Callable:
-    """nn.MultiheadAttention (sequence-first or batch-first) with AttnLRP or the AH-rule."""
+    """nn.MultiheadAttention with AttnLRP (uniform rule on both products, softmax rule) or the AH-rule."""
+    attnlrp = rule.name == "attnlrp"
+    steps = dict(
+        project=lambda x, w, b: _linear_rule(linear_rule, x, w, b),
+        scores=rules.uniform_matmul if attnlrp else torch.bmm,
+        probabilities=(lambda s: rules.softmax_rule(s, -1)) if attnlrp else
+        (lambda s: rules.softmax_detached(s, -1)) if rule.name == "ah" else (lambda s: torch.softmax(s, -1)),
+        mix=rules.uniform_matmul if attnlrp else torch.bmm,
+    )
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if module.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        tgt_len, bsz, embed = query.shape
-        heads = module.num_heads
-        head_dim = embed // heads
-        if module._qkv_same_embed_dim:
-            wq, wk, wv = module.in_proj_weight.chunk(3)
-        else:
-            wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
         bias = ledger.track("bias", f"{name}.in_proj_bias", module.in_proj_bias)
-        bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
-        q = _linear_rule(linear_rule, query, wq, bq)
-        k = _linear_rule(linear_rule, key, wk, bk)
-        v = _linear_rule(linear_rule, value, wv, bv)
-        # (L, B, E) -> (B*H, L, d)
-        q = q.reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1) / math.sqrt(head_dim)
-        k = k.reshape(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        v = v.reshape(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        if rule.name == "attnlrp":
-            scores = rules.uniform_matmul(q, k.transpose(1, 2))
-        else:
-            scores = torch.bmm(q, k.transpose(1, 2))
-        if attn_mask is not None:
-            mask = attn_mask if attn_mask.dim() == 3 else attn_mask[None]
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        if key_padding_mask is not None:
-            pad = key_padding_mask.view(bsz, 1, 1, -1).expand(bsz, heads, 1, -1).reshape(bsz * heads, 1, -1)
-            scores = scores.masked_fill(pad, float("-inf"))
-        if rule.name == "attnlrp":
-            attn = rules.softmax_rule(scores, -1)
-            out = rules.uniform_matmul(attn, v)
-        elif rule.name == "ah":
-            attn = torch.softmax(scores, -1).detach()
-            out = torch.bmm(attn, v)
-        else:
-            attn = torch.softmax(scores, -1)
-            out = torch.bmm(attn, v)
-        out = out.transpose(0, 1).reshape(tgt_len, bsz, embed)
-        out = module.out_proj(out)
-        if module.batch_first:
-            out = out.transpose(0, 1)
-        weights = None
-        if need_weights:
-            weights = attn.detach().view(bsz, heads, tgt_len, -1)
-            weights = weights.mean(1) if average_attn_weights else weights
-        return out, weights
+        return multihead_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, in_proj_bias=bias, **steps)
 
     return forward
 
