@@ -29,9 +29,8 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,40 +43,14 @@ _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 _TOKEN_STOP_RE = re.compile(r"^(encoder_input|encoder_layer\d+|memory)$")
 
 
+from ..fileio import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: E402  (re-exported)
+
+
 class ExportError(ValueError):
     """An explanation or output location that cannot be written."""
 
 
 # ----------------------------------------------------------------------------- atomic files
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically, on error it is removed."""
-    path = Path(path)
-    binary = "b" in mode
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": encoding, "newline": ""})) as f:
-            yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_open(path, "w") as f:
-        f.write(text)
-    return Path(path)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-    return Path(path)
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """JSON (strict: NaN/Inf become null) written atomically."""
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")

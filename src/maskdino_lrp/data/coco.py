@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -21,6 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..fileio import atomic_write_bytes
 from .shapes import Sample
 
 # Per image: (scores (K,), labels (K,), boxes (K,4) xyxy pixels, masks (K,H,W) bool) or a mapping
@@ -74,19 +74,6 @@ def to_coco(samples: Sequence[Sample]) -> dict[str, Any]:
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def export_coco(samples: Sequence[Sample], out_dir: str | os.PathLike[str]) -> Path:
     """Write ``out_dir/images/*.png`` and ``out_dir/annotations.json``; return the JSON path."""
     out = Path(out_dir)
@@ -96,9 +83,9 @@ def export_coco(samples: Sequence[Sample], out_dir: str | os.PathLike[str]) -> P
     for s, info in zip(samples, gt["images"]):
         buf = io.BytesIO()
         Image.fromarray(s.image).save(buf, format="PNG")
-        _atomic_write_bytes(image_dir / info["file_name"], buf.getvalue())
+        atomic_write_bytes(image_dir / info["file_name"], buf.getvalue())
     json_path = out / "annotations.json"
-    _atomic_write_bytes(json_path, json.dumps(gt).encode("utf-8"))
+    atomic_write_bytes(json_path, json.dumps(gt).encode("utf-8"))
     return json_path
 
 

@@ -27,9 +27,7 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_write_bytes
 from . import metrics as M
 from .methods import DEFAULT_METHODS, LRP_METHODS, Method, MethodError, available_methods, captum_available, get_method
 
@@ -152,15 +151,7 @@ def match_detections(detections: Any, gt_boxes: np.ndarray, gt_classes: np.ndarr
 def _atomic_write(path: Path, data: str | bytes) -> None:
     """Write via a temporary file in the same folder and rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
