@@ -226,3 +226,21 @@ def test_box_target_accounts_the_reference_box_as_positional(model64, image):
     row = expl.conservation["pixels"]
     assert torch.all(row["positional"].abs() > 0)
     assert torch.allclose(row["total"] + row["embeddings"] + row["positional"], row["target"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_mode", ["vmap", "loop"])
+def test_gradient_composite_is_plain_gradient_times_input(image, batch_mode):
+    """With every rule set to 'gradient' the engine must reproduce autograd's gradient × input exactly."""
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    expl = LRP(model, composite="gradient", batch_mode=batch_mode).explain(image, queries=[0, 3], stops=["pixels"])
+    x = model.prepare(image).tensor.clone().requires_grad_(True)
+    model.sem_seg_head.predictor.detach_query_content = False  # as in LRP mode: the selected content is connected
+    try:
+        out = model(x)
+        for row, q in enumerate([0, 3]):
+            (g,) = torch.autograd.grad(out["pred_logits"][0, q, expl.labels[row]], x, retain_graph=True)
+            reference = (x * g).detach().sum(1)[0]
+            assert torch.allclose(expl.relevance["pixels"][row], reference, atol=1e-7, rtol=1e-5)
+    finally:
+        model.sem_seg_head.predictor.detach_query_content = True
