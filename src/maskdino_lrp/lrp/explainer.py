@@ -164,49 +164,51 @@ class Session:
         )
 
     # ------------------------------------------------------------------ stops → autograd inputs
-    def _inputs(self, stops: Sequence[str]) -> tuple[list[torch.Tensor], list[tuple[str, Callable]]]:
+    def _inputs(self, stops: Sequence[str]) -> tuple[list[torch.Tensor], list[dict[str, Callable]]]:
+        """The tensors to take relevance at, each with the reductions (by output key) applied to it."""
         rec = self.state.records
         rh, rw = self.prepared.resized_size
         inputs: list[torch.Tensor] = []
-        reducers: list[tuple[str, Callable]] = []
+        reducers: list[dict[str, Callable]] = []
+        keep_channels = self.lrp.keep_channels
 
-        def add(key: str, tensor: torch.Tensor, reduce: Callable) -> None:
+        def add(tensor: torch.Tensor, **reductions: Callable) -> None:
             inputs.append(tensor)
-            reducers.append((key, reduce))
+            reducers.append(reductions)
 
-        tokens_bt = lambda r: r.sum(-1).flatten(1)  # (k, B=1, T, C) -> (k, T)
-        tokens_tb = lambda r: r.sum(-1)[:, :, 0]  # (k, T, B=1, C) -> (k, T)
+        def tokens(key: str, tensor: torch.Tensor, batch_first: bool) -> None:
+            # encoder tensors are (B, T, C), decoder tensors (T, B, C); relevance rows are (k, *shape)
+            per_token = (lambda r: r.sum(-1)[:, 0]) if batch_first else (lambda r: r.sum(-1)[:, :, 0])
+            extra = {f"channels:{key}": (lambda r: r[:, 0]) if batch_first else (lambda r: r[:, :, 0])}
+            add(tensor, **{key: per_token}, **(extra if keep_channels else {}))
+
+        spatial = lambda r: r.sum(2)[:, 0]  # (k, B=1, C, h, w) -> (k, h, w)
         if "pixels" in stops:
-            add("pixels", self.probe, lambda r: r.sum(2)[:, 0, :rh, :rw])
-            add("padding", self.probe, lambda r: r.sum((1, 2, 3, 4)) - r.sum(2)[:, 0, :rh, :rw].sum((1, 2)))
+            add(self.probe, pixels=lambda r: r.sum(2)[:, 0, :rh, :rw],
+                padding=lambda r: r.sum((1, 2, 3, 4)) - r.sum(2)[:, 0, :rh, :rw].sum((1, 2)))
         if "backbone" in stops:
             for name, t in rec["backbone"].items():
-                add(f"backbone.{name}", t, lambda r: r.sum(2)[:, 0])
+                add(t, **{f"backbone.{name}": spatial})
         if "encoder_input" in stops:
-            add("encoder_input", rec["encoder_input"], tokens_bt)
+            tokens("encoder_input", rec["encoder_input"], batch_first=True)
         if "encoder_layers" in stops:
             for i, t in enumerate(rec["encoder_layers"]):
-                add(f"encoder_layer{i}", t, tokens_bt)
+                tokens(f"encoder_layer{i}", t, batch_first=True)
         if "memory" in stops:
-            order = self._memory_order()
-            for level_index, t in order:
-                add(f"memory@{level_index}", t, lambda r: r.sum(2)[:, 0].flatten(1))
+            for level_index, t in self._memory_order():
+                add(t, **{f"memory@{level_index}": lambda r: spatial(r).flatten(1)})
             for i, t in enumerate(rec.get("lateral", [])):
-                add(f"lateral{i}", t, lambda r: r.sum(2)[:, 0])
+                add(t, **{f"lateral{i}": spatial})
         if "mask_features" in stops:
-            add("mask_features", rec["mask_features"], lambda r: r.sum(2)[:, 0])
+            add(rec["mask_features"], mask_features=spatial)
         if "query_init" in stops:
-            add("query_init", rec["query_init"], tokens_tb)
+            tokens("query_init", rec["query_init"], batch_first=False)
         if "decoder_layers" in stops:
             for i, t in enumerate(rec["decoder_layers"]):
-                add(f"decoder_layer{i}", t, tokens_tb)
-        if self.lrp.keep_channels:
-            for key in [k for k, _ in reducers if k in ("encoder_input", "query_init") or k.startswith(("encoder_layer", "decoder_layer"))]:
-                idx = [k for k, _ in reducers].index(key)
-                add(f"channels:{key}", inputs[idx], lambda r: r[:, 0] if r.shape[2] == 1 else r[:, :, 0])
+                tokens(f"decoder_layer{i}", t, batch_first=False)
         for i, (category, name, leaf) in enumerate(self._ledger_for(stops)):
             # a module called several times (a shared norm, a per-level encoding) tracks one leaf per call
-            add(f"ledger:{category}:{name}#{i}", leaf, lambda r: r.flatten(1).sum(1))
+            add(leaf, **{f"ledger:{category}:{name}#{i}": lambda r: r.flatten(1).sum(1)})
         return inputs, reducers
 
     def _memory_order(self) -> list[tuple[int, torch.Tensor]]:
@@ -307,7 +309,7 @@ class Session:
             raise EngineError("propagate() goes from the encoder output towards the input; "
                               "choose stops among pixels, backbone, encoder_input, encoder_layers")
         inputs, reducers = self._inputs(stops)
-        keep = [i for i, (key, _) in enumerate(reducers) if not key.startswith("ledger:")]
+        keep = [i for i, reductions in enumerate(reducers) if not any(k.startswith("ledger:") for k in reductions)]
         sums = _batched_relevance(memory, seeds, [inputs[i] for i in keep], [reducers[i] for i in keep],
                                   self.lrp.chunk_size, retain_graph, self.lrp.batch_mode)
         return {k: v for k, v in sums.items() if k != "padding"}
@@ -332,7 +334,7 @@ def _check_stops(stops: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _batched_relevance(outputs: torch.Tensor, seeds: torch.Tensor, inputs: list[torch.Tensor],
-                       reducers: list[tuple[str, Callable]], chunk_size: int | None, retain_graph: bool = False,
+                       reducers: list[dict[str, Callable]], chunk_size: int | None, retain_graph: bool = False,
                        batch_mode: str = "vmap") -> dict[str, torch.Tensor]:
     """Relevance (gradient × input) at every input for each row of ``seeds`` (K, *outputs.shape).
 
@@ -342,7 +344,7 @@ def _batched_relevance(outputs: torch.Tensor, seeds: torch.Tensor, inputs: list[
     """
     k = seeds.shape[0]
     chunk = 1 if batch_mode == "loop" else (k if not chunk_size else max(1, int(chunk_size)))
-    pieces: dict[str, list[torch.Tensor]] = {key: [] for key, _ in reducers}
+    pieces: dict[str, list[torch.Tensor]] = {key: [] for reductions in reducers for key in reductions}
     for begin in range(0, k, chunk):
         rows = seeds[begin: begin + chunk]
         keep = retain_graph or begin + chunk < k
@@ -352,10 +354,12 @@ def _batched_relevance(outputs: torch.Tensor, seeds: torch.Tensor, inputs: list[
         else:
             grads = torch.autograd.grad(outputs, inputs, grad_outputs=rows, is_grads_batched=True,
                                         retain_graph=keep, allow_unused=True)
-        for (key, reduce), x, g in zip(reducers, inputs, grads):
+        for reductions, x, g in zip(reducers, inputs, grads):
             if g is None:
                 g = torch.zeros((rows.shape[0], *x.shape), dtype=x.dtype, device=x.device)
-            pieces[key].append(reduce(x.detach()[None] * g).detach())
+            relevance = x.detach()[None] * g
+            for key, reduce in reductions.items():
+                pieces[key].append(reduce(relevance).detach())
         del grads
     return {key: torch.cat(parts) for key, parts in pieces.items()}
 
