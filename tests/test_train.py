@@ -274,19 +274,139 @@ def test_resume_gives_identical_next_step(tmp_path):
 
 @needs_model
 def test_export_fp16_safetensors_roundtrip(tmp_path):
+    """BN-trained weights exported as fp16 load into the configured FrozenBN model with the same outputs."""
     from safetensors.torch import load_file
 
     from maskdino_lrp.model.config import load_config
-    from maskdino_lrp.train.loop import TrainConfig, build_training_model, export_weights, unique_state_dict
+    from maskdino_lrp.model.maskdino import MaskDINO
+    from maskdino_lrp.train.loop import TrainConfig, build_training_model, export_weights, make_batch, model_inputs
 
-    model = build_training_model(TrainConfig(**TINY)).eval()
+    torch.manual_seed(0)
+    cfg = TrainConfig(**TINY)
+    model = build_training_model(cfg)
+    assert model.cfg["MODEL"]["RESNETS"]["NORM"] == "BN" and model.export_cfg["MODEL"]["RESNETS"]["NORM"] == "FrozenBN"
+    images, _ = make_batch(cfg, 0)
+    x = model_inputs(model, images)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # move the BatchNorm running statistics away from their initial values
+            model(x)
+    model.eval()
+    with torch.no_grad():  # the reference: the same model with fp16-rounded weights
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
     path = export_weights(model, tmp_path / "w.safetensors")
     tensors = load_file(str(path))
     assert all(t.dtype == torch.float16 for t in tensors.values() if t.is_floating_point())
-    assert set(tensors) == set(unique_state_dict(model))
-    cfg = load_config(tmp_path / "w.yaml")
-    assert cfg == model.cfg
-    fresh = build_training_model(TrainConfig(**TINY))
-    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=False)
-    for k, v in unique_state_dict(model).items():
-        assert torch.allclose(unique_state_dict(fresh)[k], v.half().float()), k
+    assert not any(k.endswith("num_batches_tracked") for k in tensors)
+    shipped_cfg = load_config(tmp_path / "w.yaml")
+    assert shipped_cfg == model.export_cfg
+    shipped = MaskDINO(shipped_cfg).eval()
+    result = shipped.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    assert not result.unexpected_keys
+    # missing keys are only the aliases of shared tensors (the box MLP under several names)
+    assert all("bbox_embed" in k or k.startswith("sem_seg_head.predictor.decoder.norm") for k in result.missing_keys)
+    with torch.no_grad():
+        a, b = model(x), shipped(x)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-4), key
+
+
+@needs_model
+@pytest.mark.parametrize("training", [True, False])
+def test_training_forward_without_dn_equals_model_forward(training):
+    from maskdino_lrp.train.denoising import training_forward
+    from maskdino_lrp.train.loop import TrainConfig, build_training_model, make_batch, model_inputs
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(**TINY)
+    model = build_training_model(cfg).train(training)
+    images, targets = make_batch(cfg, 0)
+    x = model_inputs(model, images)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(x)
+        torch.manual_seed(1)
+        b = training_forward(model, x, targets, dn_num=0)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        assert torch.equal(a[key], b[key]), key
+    assert len(a["aux_outputs"]) == len(b["aux_outputs"])
+    for la, lb in zip(a["aux_outputs"], b["aux_outputs"]):
+        for key in ("pred_logits", "pred_boxes"):
+            assert torch.equal(la[key], lb[key]), key
+        assert (la["pred_masks"] is None) == (lb["pred_masks"] is None)
+        if la["pred_masks"] is not None:
+            assert torch.equal(la["pred_masks"], lb["pred_masks"])
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        assert torch.equal(a["interm_outputs"][key], b["interm_outputs"][key]), key
+
+
+@needs_model
+def test_denoising_queries_and_losses():
+    from maskdino_lrp.train.denoising import dn_indices, make_dn_queries, training_forward
+    from maskdino_lrp.train.losses import build_criterion
+    from maskdino_lrp.train.loop import TrainConfig, build_training_model, make_batch, model_inputs, pad_targets
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(**TINY)
+    model = build_training_model(cfg).train()
+    dec = model.sem_seg_head.predictor
+    images, targets = make_batch(cfg, 0)
+    counts = [len(t["labels"]) for t in targets]
+    dn = make_dn_queries(targets, dec, dn_num=10, noise_scale=0.0)
+    most = max(counts)
+    assert dn.single_pad == most and dn.groups == 10 // most and dn.pad_size == dn.groups * most
+    # without noise, the denoising boxes are the ground truth (inverse sigmoid)
+    src, tgt = dn_indices(targets, dn)[0]
+    assert torch.allclose(dn.bbox[0, src].sigmoid(), targets[0]["boxes"][tgt], atol=1e-4)
+    m = dn.attn_mask
+    q = dn.pad_size
+    assert m[q:, :q].all() and not m[:, q:].any()  # matching queries never see denoising ones
+    if dn.groups > 1:
+        assert m[0, most] and not m[0, 0] and m[most, 0]  # groups do not see each other
+    x = model_inputs(model, images)
+    out = training_forward(model, x, targets, dn_num=10, noise_scale=0.4)
+    assert out["pred_logits"].shape[1] == dec.num_queries  # the matching part is cut out unchanged in size
+    assert out["dn_outputs"]["pred_logits"].shape[1] == dn.pad_size
+    assert all(a["pred_masks"] is not None for a in out["dn_outputs"]["aux_outputs"])
+    crit = build_criterion(load_dn_config(model))
+    losses = crit(out, pad_targets(targets, tuple(x.shape[-2:])))
+    layers = model.cfg["MODEL"]["MaskDINO"]["DEC_LAYERS"]
+    assert {"loss_ce_dn", "loss_mask_dn", f"loss_giou_dn_{layers - 1}"} <= set(losses)
+    total = sum(losses.values())
+    total.backward()
+    assert dec.label_enc.weight.grad is not None and dec.label_enc.weight.grad.abs().sum() > 0
+
+
+def load_dn_config(model):
+    import copy
+
+    cfg = copy.deepcopy(model.cfg)
+    cfg["MODEL"]["MaskDINO"]["DN"] = "seg"
+    return cfg
+
+
+@needs_model
+def test_grid_sample_deform_attn_core_matches_model_core():
+    from maskdino_lrp.model import deform_attn
+    from maskdino_lrp.train.loop import fast_deform_attn, grid_sample_deform_attn_core
+
+    torch.manual_seed(0)
+    shapes = [(3, 5), (6, 10)]
+    n, m, d, lq, p = 2, 4, 8, 7, 3
+    value = torch.randn(n, sum(h * w for h, w in shapes), m, d, requires_grad=True)
+    loc = (torch.rand(n, lq, m, len(shapes), p, 2) * 1.4 - 0.2).requires_grad_()  # some samples fall outside
+    weights = torch.rand(n, lq, m, len(shapes), p).softmax(-1).requires_grad_()
+    starts = torch.tensor([0, 15])
+    ref = deform_attn.ms_deform_attn_core(value, shapes, starts, loc, weights)
+    fast = grid_sample_deform_attn_core(value, shapes, starts, loc, weights)
+    assert torch.allclose(ref, fast, atol=1e-5)
+    g_ref = torch.autograd.grad(ref.square().sum(), (value, loc, weights))
+    g_fast = torch.autograd.grad(fast.square().sum(), (value, loc, weights))
+    for a, b in zip(g_ref, g_fast):
+        assert torch.allclose(a, b, atol=1e-4)
+    original = deform_attn.ms_deform_attn_core
+    with fast_deform_attn():
+        assert deform_attn.ms_deform_attn_core is grid_sample_deform_attn_core
+    assert deform_attn.ms_deform_attn_core is original

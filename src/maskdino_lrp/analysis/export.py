@@ -208,12 +208,18 @@ def layers_csv_text(expl, k: int) -> str:
 
 
 def conservation_for(expl, k: int) -> dict[str, dict[str, float]]:
-    """Per complete cut: target, relevance at the cut, ledger shares, residual and |residual| / |target|."""
+    """Per complete cut: target, relevance at the cut, ledger shares, residual, |residual| / |target| and
+    |residual| / max(|target|, |relevance at the cut|)."""
     out = {}
     for cut, row in expl.conservation.items():
         entry = {name: float(values[k]) for name, values in row.items()}
         t = entry.get("target", float("nan"))
-        entry["relative_error"] = abs(entry.get("residual", float("nan"))) / abs(t) if t else float("inf")
+        residual = abs(entry.get("residual", float("nan")))
+        entry["relative_error"] = residual / abs(t) if t else float("inf")
+        # relative to the relevance that flows: a logit near 0 can carry a large relevance mass whose small
+        # non-conserved part would look huge against |target| alone
+        scale = max(abs(t), abs(entry.get("total", 0.0)))
+        entry["residual_share"] = residual / scale if scale else float("inf")
         out[cut] = entry
     return out
 

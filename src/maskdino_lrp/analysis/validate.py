@@ -4,7 +4,8 @@ On every token CSV (``level,y,x,relevance,raw``, or with ``query,stop`` columns:
 the ``relevance`` column sums to 1 within ``tolerance``; no NaN/Inf; ``relevance × Σraw`` reproduces
 ``raw``; and distribution statistics (informational): entropy of |R| (nats), entropy normalised by
 log N, the share of Σ|R| held by the top 1% tokens, positive and negative mass (shares of Σ|R|).
-On the metadata: the target is finite; at each complete cut |residual| / |target| ≤ ``max_residual``;
+On the metadata: the target is finite; at each complete cut |residual| / max(|target|, |relevance at the
+cut|) ≤ ``max_residual`` (relative to the relevance that flows: a logit near 0 can carry much relevance);
 every file the metadata and ``summary.json`` reference exists; raw arrays (``.npz``) are finite.
 On the manifest: every image marked done has its summary; failed images are listed.
 
@@ -283,9 +284,9 @@ def check_meta(result: ValidationResult, path: Path, max_residual: float) -> Non
     ok = isinstance(t, (int, float)) and math.isfinite(t)
     result.add("target finite", path, t, ok, "" if ok else "target value is missing, NaN or Inf")
     for cut, row in (meta.get("conservation") or {}).items():
-        err = row.get("relative_error") if isinstance(row, dict) else None
+        err = row.get("residual_share", row.get("relative_error")) if isinstance(row, dict) else None
         ok = isinstance(err, (int, float)) and math.isfinite(err) and err <= max_residual
-        msg = "" if ok else (f"|residual|/|target| = {err:.3g} > {max_residual:g} at cut {cut!r}"
+        msg = "" if ok else (f"|residual|/max(|target|, |relevance at cut|) = {err:.3g} > {max_residual:g} at cut {cut!r}"
                              if isinstance(err, (int, float)) and math.isfinite(err)
                              else f"conservation figures at cut {cut!r} are missing, NaN or Inf")
         result.add(f"conservation {cut}", path, err, ok, msg)

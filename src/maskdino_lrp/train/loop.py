@@ -1,5 +1,7 @@
 """Training loop for a small MaskDINO on the synthetic shapes data.
 
+* MaskDINO's losses (:mod:`.losses`) on every decoder layer and the encoder proposals, plus
+  denoising queries when the config's ``MODEL.MaskDINO.DN`` is "seg" or "standard" (:mod:`.denoising`);
 * AdamW (no weight decay on norms, biases and embeddings), linear warm-up then cosine or step decay,
   gradient-norm clipping;
 * deterministic given the seed: the batch of step ``s`` is samples ``s*B … s*B+B-1`` of the shapes
@@ -32,6 +34,7 @@ import yaml
 from ..data.coco import evaluate_detections
 from ..data.shapes import ShapesConfig, generate_sample, sample_to_target
 from ..model.config import get, load_config
+from .denoising import training_forward
 from .losses import SetCriterion, build_criterion
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,8 @@ class TrainConfig:
     train_images: int = 0  # 0: a fresh image for every sample; N: cycle over images 0..N-1
     num_points: int = 0  # mask loss / matching points; 0 = dense at the mask-prediction resolution
     threads: int = 2
+    class_prior: float = 0.01  # initial class probability (focal-loss prior bias, as DINO); 0 = keep the init
+    fast_deform_attn: bool = True  # grid_sample deformable-attention core while training (same maths)
     backbone_norm: str = "BN"  # norm trained in the backbone when the config has FrozenBN ("" = as configured)
     val_every: int = 0  # 0 disables periodic validation
     val_seed: int = 777  # validation images (never the final evaluation seed)
@@ -118,6 +123,53 @@ def pad_targets(targets: Sequence[Mapping[str, torch.Tensor]], padded: tuple[int
             m = torch.nn.functional.pad(m, (0, padded[1] - w, 0, padded[0] - h))
         out.append({**t, "masks": m})
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast deformable-attention core for training
+# ----------------------------------------------------------------------------------------------
+
+
+def grid_sample_deform_attn_core(value: torch.Tensor, spatial_shapes, level_start_index,
+                                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """The deformable-attention core with ``F.grid_sample`` (as the official PyTorch fallback).
+
+    Same result as :func:`maskdino_lrp.model.deform_attn.ms_deform_attn_core` (bilinear, zero padding,
+    ``align_corners=False``), several times faster forward + backward on CPU; used while training.
+    value (N, ΣHW, M, D), sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P).
+    """
+    n, _, m, d = value.shape
+    _, len_q, _, levels, points, _ = sampling_locations.shape
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = per_level[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
+        sampled.append(torch.nn.functional.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                                       align_corners=False))  # (N*M, D, Lq, P)
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, len_q, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, len_q)
+    return out.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def fast_deform_attn(enabled: bool = True):
+    """Within the block, ``MSDeformAttn`` uses :func:`grid_sample_deform_attn_core` (training speed)."""
+    from ..model import deform_attn
+
+    if not enabled:
+        yield
+        return
+    original = deform_attn.ms_deform_attn_core
+    deform_attn.ms_deform_attn_core = grid_sample_deform_attn_core
+    try:
+        yield
+    finally:
+        deform_attn.ms_deform_attn_core = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +376,10 @@ def build_training_model(cfg: TrainConfig):
         train_overrides["MODEL.RESNETS.NORM"] = cfg.backbone_norm
     model = MaskDINO(load_config(cfg.preset, train_overrides))
     model.export_cfg = export_cfg
+    if cfg.class_prior > 0:
+        bias = -math.log((1 - cfg.class_prior) / cfg.class_prior)
+        with torch.no_grad():
+            model.sem_seg_head.predictor.class_embed.bias.fill_(bias)
     return model
 
 
@@ -334,7 +390,10 @@ def train_step(model, criterion: SetCriterion, optimizer, images: torch.Tensor, 
         g["lr"] = cfg.lr * g.get("lr_mult", 1.0) * lr_factor(cfg, step)
     x = model_inputs(model, images)
     targets = pad_targets(targets, tuple(x.shape[-2:]))
-    outputs = model(x)
+    m = get(model.cfg, "MODEL.MaskDINO")
+    dn_num = int(m["DN_NUM"]) if m["DN"] in ("seg", "standard") else 0
+    with fast_deform_attn(cfg.fast_deform_attn):
+        outputs = training_forward(model, x, targets, dn_num, float(m["DN_NOISE_SCALE"]))
     losses = criterion(outputs, targets)
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
@@ -343,11 +402,11 @@ def train_step(model, criterion: SetCriterion, optimizer, images: torch.Tensor, 
     if cfg.clip_grad_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm))
     optimizer.step()
-    out = {"loss": float(total), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+    out = {"loss": float(total.detach()), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
     for kind in ("ce", "bbox", "giou", "mask", "dice"):  # final layer's unweighted-by-layer parts
         key = f"loss_{kind}"
         if key in losses:
-            out[key] = float(losses[key])
+            out[key] = float(losses[key].detach())
     return out
 
 

@@ -4,7 +4,8 @@ Every decoder layer (``aux_outputs``), the final layer and the two-stage encoder
 (``interm_outputs``) are matched to the targets on their own and get the same losses (deep
 supervision). Each loss is normalised by the number of target objects in the batch and scaled by
 the official weights (``MODEL.MaskDINO.CLASS_WEIGHT`` etc.); layer ``i``'s losses carry the suffix
-``_i``, the encoder proposals' the suffix ``_interm``.
+``_i``, the encoder proposals' the suffix ``_interm``. Denoising outputs (``dn_outputs``, see
+:mod:`.denoising`) get the same losses with their fixed assignment (suffixes ``_dn`` and ``_dn_i``).
 
 Masks are compared either on sampled points (``num_points > 0``: uniformly random points mixed with
 the most uncertain ones, as in the official code) or densely at the prediction's resolution with
@@ -104,7 +105,7 @@ class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Mapping[str, float],
                  losses: Sequence[str] = ("labels", "masks", "boxes"), num_points: int = 0,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 focal_alpha: float = FOCAL_ALPHA):
+                 focal_alpha: float = FOCAL_ALPHA, dn_losses: Sequence[str] = ("labels", "masks", "boxes")):
         super().__init__()
         unknown = set(losses) - {"labels", "masks", "boxes"}
         if unknown:
@@ -113,6 +114,7 @@ class SetCriterion(nn.Module):
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.losses = list(losses)
+        self.dn_losses = list(dn_losses)
         self.num_points = int(num_points)
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
@@ -162,10 +164,12 @@ class SetCriterion(nn.Module):
             outputs, targets, indices, num_objects)
 
     # -------------------------------------------------------------- all outputs
-    def _one_output(self, outputs, targets, num_objects, suffix: str) -> dict[str, torch.Tensor]:
-        indices = self.matcher(outputs, targets)
+    def _one_output(self, outputs, targets, num_objects, suffix: str, indices=None,
+                    names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         out = {}
-        for name in self.losses:
+        for name in self.losses if names is None else names:
             for key, value in self.get_loss(name, outputs, targets, indices, num_objects).items():
                 out[key + suffix] = value
         return out
@@ -183,6 +187,12 @@ class SetCriterion(nn.Module):
             losses.update(self._one_output(aux, targets, num_objects, f"_{i}"))
         if outputs.get("interm_outputs") is not None:
             losses.update(self._one_output(outputs["interm_outputs"], targets, num_objects, "_interm"))
+        dn = outputs.get("dn_outputs")
+        if dn is not None:  # denoising queries: fixed assignment, normalised by objects × groups
+            indices, n_dn = outputs["dn_indices"], num_objects * outputs["dn_groups"]
+            losses.update(self._one_output(dn, targets, n_dn, "_dn", indices, self.dn_losses))
+            for i, aux in enumerate(dn.get("aux_outputs") or []):
+                losses.update(self._one_output(aux, targets, n_dn, f"_dn_{i}", indices, self.dn_losses))
         return losses
 
     def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -199,6 +209,9 @@ def weight_dict_from_config(cfg: Mapping[str, Any]) -> dict[str, float]:
     weights = dict(base)
     if m["TWO_STAGE"]:
         weights.update({k + "_interm": v for k, v in base.items()})
+    if m["DN"] in ("seg", "standard"):
+        weights.update({k + "_dn": v for k, v in base.items()
+                        if m["DN"] == "seg" or k not in ("loss_mask", "loss_dice")})
     if m["DEEP_SUPERVISION"]:
         snapshot = dict(weights)
         for i in range(m["DEC_LAYERS"]):
@@ -218,6 +231,7 @@ def build_criterion(cfg: Mapping[str, Any], num_points: int | None = None) -> Se
                                cost_dice=m["COST_DICE_WEIGHT"], cost_box=m["COST_BOX_WEIGHT"],
                                cost_giou=m["COST_GIOU_WEIGHT"], num_points=points)
     losses = ["labels", "masks", "boxes"] if m["BOX_LOSS"] else ["labels", "masks"]
+    dn_losses = ["labels", "masks", "boxes"] if m["DN"] == "seg" else ["labels", "boxes"]
     return SetCriterion(int(get(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES")), matcher, weight_dict_from_config(cfg),
                         losses=losses, num_points=points, oversample_ratio=m["OVERSAMPLE_RATIO"],
-                        importance_sample_ratio=m["IMPORTANCE_SAMPLE_RATIO"])
+                        importance_sample_ratio=m["IMPORTANCE_SAMPLE_RATIO"], dn_losses=dn_losses)
