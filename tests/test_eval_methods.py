@@ -226,3 +226,38 @@ def test_gradient_x_input_equals_the_engines_gradient_composite(model, prepared)
     ours = Me.get_method("gradient-x-input").attribute_batch(model, prepared, [3], [2]).maps
     engine = Me.LRPMethod("gradient").attribute_batch(model, prepared, [3], [2]).maps  # one query: the engine fails for K >= 2 here (vmap NYI)
     torch.testing.assert_close(ours, engine, rtol=1e-4, atol=1e-6 * float(ours.abs().max()))
+
+
+def _table_without_cost(result):
+    return {(name, key): (est.mean, est.n) for name, row in result["table"].items() for key, est in row.items()
+            if key not in ("seconds", "peak_memory_mib")}
+
+
+def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path, monkeypatch):
+    """Two shards into one folder, and a run that lost an image, aggregate to the same table as one run."""
+    from maskdino_lrp.eval import run
+
+    kwargs = dict(methods=["random", "gradient"], steps=2, progress=False, model=model, image_size=64,
+                  score_threshold=0.0, iou_threshold=0.0, require_class=False, max_pairs_per_image=1,
+                  randomisation=False)
+    whole = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "whole", **kwargs)
+    first = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "sharded", shard=(0, 2), **kwargs)
+    assert first["n_images_done"] == 2 and "**incomplete**: 2 of 3" in (tmp_path / "sharded" / "summary.md").read_text()
+    second = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "sharded", shard=(1, 2), **kwargs)
+    assert second["n_images_done"] == 3 and second["n_pairs"] == whole["n_pairs"] == 3
+    assert _table_without_cost(second) == _table_without_cost(whole)
+
+    # an interrupted run: one image's part is missing; the rerun redoes only that image
+    (tmp_path / "whole" / "parts" / "image-000001.json").unlink()
+    calls = []
+    real = run._evaluate_image
+    monkeypatch.setattr(run, "_evaluate_image", lambda index, ctx: calls.append(index) or real(index, ctx))
+    resumed = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "whole", **kwargs)
+    assert calls == [1]
+    assert _table_without_cost(resumed) == _table_without_cost(whole)
+    assert "incomplete" not in (tmp_path / "whole" / "summary.md").read_text()
+
+    # other settings into the same folder are refused, naming what differs and the fix
+    with pytest.raises(ValueError, match=r"steps differ.*new --out"):
+        run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "whole", **{**kwargs, "steps": 3})
+    assert run.main(["--config", "tiny", "--shard", "2/2", "--out", str(tmp_path / "x"), "--quiet"]) == 2

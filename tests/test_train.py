@@ -410,3 +410,33 @@ def test_grid_sample_deform_attn_core_matches_model_core():
     with fast_deform_attn():
         assert deform_attn.ms_deform_attn_core is grid_sample_deform_attn_core
     assert deform_attn.ms_deform_attn_core is original
+
+
+@needs_model
+def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """A SIGTERM mid-run (a scheduler's pre-emption) ends after the current step with a checkpoint."""
+    import os
+    import signal
+
+    from maskdino_lrp.train import loop
+
+    cfg = loop.TrainConfig(**TINY, steps=3, num_points=32, ckpt_every=0)
+    full = loop.train(cfg, out_dir=str(tmp_path / "full"), progress=False)
+    real_step = loop.train_step
+
+    def step_then_terminate(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if args[-1] == 0:  # the step index
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_terminate)
+    with pytest.raises(SystemExit) as stopped:
+        loop.train(cfg, out_dir=str(tmp_path / "part"), progress=False)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
+    monkeypatch.setattr(loop, "train_step", real_step)
+    resumed = loop.train(cfg, out_dir=str(tmp_path / "part"), progress=False)
+    for k, v in full["model"].state_dict().items():
+        assert torch.equal(v, resumed["model"].state_dict()[k]), k

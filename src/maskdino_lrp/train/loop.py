@@ -21,7 +21,9 @@ import logging
 import math
 import os
 import random
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,6 +445,12 @@ def train(cfg: TrainConfig | None = None, resume: bool = True, progress: bool = 
         log.info("resumed from %s at step %d", ckpt_path, start)
     model.train()
 
+    stop_requested: list[int] = []
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM: finish the current step, write a checkpoint, stop (the next run resumes from it)
+        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+
     metrics_path = out_dir / "metrics.jsonl"
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True, mininterval=2.0)
     t0 = time.time() - elapsed
@@ -470,10 +478,15 @@ def train(cfg: TrainConfig | None = None, resume: bool = True, progress: bool = 
             if record is not None:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end:
+            if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end or stop_requested:
                 save_checkpoint(ckpt_path, model, optimizer, done, cfg, {"elapsed_s": time.time() - t0})
+            if stop_requested:
+                log.warning("SIGTERM: stopped after step %d with a checkpoint; rerun to resume", done)
+                raise SystemExit(128 + signal.SIGTERM)
     finally:
         bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     wall = time.time() - t0
     if stop_at > 0 and stop_at < cfg.steps:
         return {"model": model, "steps": min(stop_at, cfg.steps), "wall_time_s": wall, "last": last,
