@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from maskdino_lrp.analysis import estimate as est_mod
 from maskdino_lrp.analysis.estimate import EstimateError, estimate, model_shapes
-from maskdino_lrp.analysis.export import (atomic_open, atomic_write_text, explanation_to_csv, plot_explanation,
-                                          remove_stale_temp_files, save_explanation, token_relevance)
+from maskdino_lrp.analysis.export import (explanation_to_csv, plot_explanation, remove_stale_temp_files,
+                                          save_explanation, token_relevance)
+from maskdino_lrp.fileio import atomic_open, atomic_write_text
 from maskdino_lrp.analysis.render import write_report
 from maskdino_lrp.analysis.validate import distribution_statistics, validate
 from maskdino_lrp.lrp.explanation import Explanation, Level

@@ -2,9 +2,7 @@
 the tiny preset (random weights): explain → validate, and a run killed mid-way then resumed."""
 from __future__ import annotations
 
-import csv
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -204,20 +204,9 @@ def test_weight_dict_from_config():
 # ------------------------------------------------------------------------------------------ loop (needs the model)
 
 
-def _model_available() -> bool:
-    try:
-        import maskdino_lrp.model.backbone  # noqa: F401
-        import maskdino_lrp.model.head  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_model = pytest.mark.skipif(not _model_available(), reason="model modules not present yet")
 TINY = dict(preset="tiny", image_size=64, batch_size=2, threads=2, warmup_steps=0, log_every=0, val_every=0)
 
 
-@needs_model
 def test_training_steps_reduce_loss_on_fixed_batch():
     from maskdino_lrp.train.losses import build_criterion
     from maskdino_lrp.train.loop import TrainConfig, build_optimizer, build_training_model, make_batch, model_inputs, pad_targets, train_step
@@ -242,7 +231,6 @@ def test_training_steps_reduce_loss_on_fixed_batch():
     assert loss_now() < before
 
 
-@needs_model
 def test_every_decoder_layer_predicts_masks_in_training():
     from maskdino_lrp.train.loop import TrainConfig, build_training_model, make_batch, model_inputs
 
@@ -256,7 +244,6 @@ def test_every_decoder_layer_predicts_masks_in_training():
     assert out["interm_outputs"]["pred_masks"] is not None
 
 
-@needs_model
 def test_resume_gives_identical_next_step(tmp_path):
     from maskdino_lrp.train.loop import TrainConfig, train
 
@@ -272,7 +259,6 @@ def test_resume_gives_identical_next_step(tmp_path):
     assert resumed["last"]["loss"] == full["last"]["loss"]
 
 
-@needs_model
 def test_export_fp16_safetensors_roundtrip(tmp_path):
     """BN-trained weights exported as fp16 load into the configured FrozenBN model with the same outputs."""
     from safetensors.torch import load_file
@@ -313,7 +299,6 @@ def test_export_fp16_safetensors_roundtrip(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-4), key
 
 
-@needs_model
 @pytest.mark.parametrize("training", [True, False])
 def test_training_forward_without_dn_equals_model_forward(training):
     from maskdino_lrp.train.denoising import training_forward
@@ -342,7 +327,6 @@ def test_training_forward_without_dn_equals_model_forward(training):
         assert torch.equal(a["interm_outputs"][key], b["interm_outputs"][key]), key
 
 
-@needs_model
 def test_denoising_queries_and_losses():
     from maskdino_lrp.train.denoising import dn_indices, make_dn_queries, training_forward
     from maskdino_lrp.train.losses import build_criterion
@@ -387,7 +371,6 @@ def load_dn_config(model):
     return cfg
 
 
-@needs_model
 def test_grid_sample_deform_attn_core_matches_model_core():
     from maskdino_lrp.model import deform_attn
     from maskdino_lrp.train.loop import fast_deform_attn, grid_sample_deform_attn_core
@@ -412,7 +395,6 @@ def test_grid_sample_deform_attn_core_matches_model_core():
     assert deform_attn.ms_deform_attn_core is original
 
 
-@needs_model
 def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes(tmp_path, monkeypatch):
     """A SIGTERM mid-run (a scheduler's pre-emption) ends after the current step with a checkpoint."""
     import os

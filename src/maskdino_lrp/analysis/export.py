@@ -43,7 +43,7 @@ _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 _TOKEN_STOP_RE = re.compile(r"^(encoder_input|encoder_layer\d+|memory)$")
 
 
-from ..fileio import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: E402  (re-exported)
+from ..fileio import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 class ExportError(ValueError):

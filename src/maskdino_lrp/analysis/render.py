@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .export import SUMMARY, atomic_open, atomic_write_text, token_relevance
+from ..fileio import atomic_open, atomic_write_text
+from .export import SUMMARY, token_relevance
 
 log = logging.getLogger(__name__)
 

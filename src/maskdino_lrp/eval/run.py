@@ -556,7 +556,7 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
         f"{meta['n_pairs']} (image, detection) pairs matched to ground truth (Hungarian on box IoU ≥ "
         f"{settings.iou_threshold}, score ≥ {settings.score_threshold}"
         f"{', same class' if settings.require_class else ''}); {meta['images_without_pairs']} images had none",
-        f"- target: class logit of the detection's query and label; maps at the model input size",
+        "- target: class logit of the detection's query and label; maps at the model input size",
         f"- deletion / insertion: {settings.steps} steps of {100 / settings.steps:.3g} %, replacement "
         f"**{settings.replacement}**" + (f" (σ = {settings.blur_sigma} px)" if settings.replacement == "blur" else
                                           " (per-image, per-channel mean colour)")

@@ -402,10 +402,15 @@ class MaskDINODecoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Sequence[torch.Tensor], mask_features: torch.Tensor,
-                masks: Sequence[torch.Tensor] | None = None, targets: Any = None
-                ) -> tuple[dict[str, Any], None]:
+                masks: Sequence[torch.Tensor] | None = None, targets: Any = None, dn: Any = None
+                ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """x: the ``total_num_feature_levels`` maps of the pixel decoder (its level order);
-        mask_features (B, mask_dim, H/4, W/4). Returns (outputs, mask_dict=None) as official."""
+        mask_features (B, mask_dim, H/4, W/4). Returns (outputs, denoising outputs) as official.
+
+        ``dn`` (training only; :class:`maskdino_lrp.train.denoising.DNQueries`) prepends denoising
+        queries (content ``dn.label``, boxes ``dn.bbox``, self-attention mask ``dn.attn_mask``); their
+        outputs are cut off into the second return value, the first is then what it is without them.
+        """
         if len(x) != self.num_feature_levels:
             raise ValueError(f"decoder expects {self.num_feature_levels} feature levels, got {len(x)}")
         use_masks = masks is not None and any(s.size(2) % 32 or s.size(3) % 32 for s in x)
@@ -448,15 +453,17 @@ class MaskDINODecoder(nn.Module):
             tgt = self.query_feat.weight[None].repeat(bs, 1, 1)
             refpoint_embed = self.query_embed.weight[None].repeat(bs, 1, 1)
 
-        # denoising queries (training) would be prepended to tgt / refpoint_embed here; not implemented
         tgt_mask = None
-        mask_dict = None
-
+        if dn is not None:
+            tgt = torch.cat([dn.label, tgt], dim=1)
+            tgt_mask = dn.attn_mask
         if self.initial_pred:
             outputs_class, outputs_mask = self.forward_prediction_heads(tgt.transpose(0, 1), mask_features,
                                                                         self.training)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
+        if dn is not None:
+            refpoint_embed = torch.cat([dn.bbox, refpoint_embed], dim=1)
 
         hs, references = self.decoder(
             tgt=tgt.transpose(0, 1), memory=src_flatten.transpose(0, 1), memory_key_padding_mask=mask_flatten,
@@ -473,6 +480,17 @@ class MaskDINODecoder(nn.Module):
         else:
             out_boxes = self.pred_box(references, hs)
 
+        dn_out = None
+        if dn is not None:  # the first pad_size queries are the denoising ones: cut them off
+            p = dn.pad_size
+            dn_class = [c[:, :p] for c in predictions_class]
+            dn_mask = [m[:, :p] if m is not None else None for m in predictions_mask]
+            dn_boxes = out_boxes[:, :, :p]
+            predictions_class = [c[:, p:] for c in predictions_class]
+            predictions_mask = [m[:, p:] if m is not None else None for m in predictions_mask]
+            out_boxes = out_boxes[:, :, p:]
+            dn_out = {"pred_logits": dn_class[-1], "pred_masks": dn_mask[-1], "pred_boxes": dn_boxes[-1],
+                      "aux_outputs": self._set_aux_loss(dn_class, dn_mask, dn_boxes)}
         out = {
             "pred_logits": predictions_class[-1],
             "pred_masks": predictions_mask[-1],
@@ -481,4 +499,4 @@ class MaskDINODecoder(nn.Module):
         }
         if self.two_stage:
             out["interm_outputs"] = interm_outputs
-        return out, mask_dict
+        return out, dn_out
