@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .deform_attn import MSDeformAttn
-from .layers import Conv2d
+from .layers import Conv2d, post_norm_ffn, with_pos_embed
 from .pixel_decoder import activation_module, c2_xavier_fill, get_valid_ratio
 from .position_encoding import gen_sineembed_for_position
 
@@ -176,13 +176,10 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    @staticmethod
-    def with_pos_embed(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        return tensor if pos is None else tensor + pos
+    with_pos_embed = staticmethod(with_pos_embed)
 
     def forward_ffn(self, tgt: torch.Tensor) -> torch.Tensor:
-        hidden = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(hidden))
+        return post_norm_ffn(tgt, self.linear1, self.activation, self.dropout3, self.linear2, self.dropout4, self.norm3)
 
     def forward(self, tgt: torch.Tensor, tgt_query_pos: torch.Tensor | None = None,
                 tgt_query_sine_embed: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,

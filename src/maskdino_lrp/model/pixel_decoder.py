@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deform_attn import MSDeformAttn
-from .layers import Conv2d
+from .layers import Conv2d, post_norm_ffn, with_pos_embed
 from .position_encoding import PositionEmbeddingSine
 
 __all__ = [
@@ -97,13 +97,10 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    @staticmethod
-    def with_pos_embed(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        return tensor if pos is None else tensor + pos
+    with_pos_embed = staticmethod(with_pos_embed)
 
     def forward_ffn(self, src: torch.Tensor) -> torch.Tensor:
-        hidden = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(hidden))
+        return post_norm_ffn(src, self.linear1, self.activation, self.dropout2, self.linear2, self.dropout3, self.norm2)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor | None, reference_points: torch.Tensor,
                 spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
