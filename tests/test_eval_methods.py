@@ -187,21 +187,65 @@ def test_detector_score_on_the_unperturbed_image(model, prepared):
     torch.testing.assert_close(scores[0], torch.stack([expected, expected]), rtol=1e-4, atol=1e-6)
 
 
+def test_token_score_keeps_or_replaces_the_encoder_input(model, prepared):
+    """All tokens kept: the unperturbed score. None kept: a forward whose encoder input is, per level,
+    the mean token — computed here by an independent hook on the encoder."""
+    with torch.no_grad():
+        outputs = model(prepared.tensor)
+    scorer = M.TokenScore(model, prepared.tensor, 3, 2, outputs["pred_boxes"][0, 3])
+    assert scorer.num_tokens == sum(h * w for h, w in scorer.shapes)
+    keep_all, keep_none = torch.ones(1, 1, scorer.num_tokens), torch.zeros(1, 1, scorer.num_tokens)
+    scores = scorer(torch.stack([keep_all, keep_none]))
+    expected = outputs["pred_logits"][0, 3, 2].sigmoid()
+    torch.testing.assert_close(scores[0], torch.stack([expected, expected]), rtol=1e-4, atol=1e-6)
+
+    encoder = model.sem_seg_head.pixel_decoder.transformer.encoder
+
+    def level_means(_module, args):
+        src, shapes = args[0], args[1]
+        pieces = torch.split(src, [int(h) * int(w) for h, w in shapes.tolist()], dim=1)
+        return (torch.cat([p.mean(1, keepdim=True).expand_as(p) for p in pieces], 1), *args[1:])
+
+    handle = encoder.register_forward_pre_hook(level_means)
+    try:
+        with torch.no_grad():
+            blank = model(prepared.tensor)
+    finally:
+        handle.remove()
+    box = outputs["pred_boxes"][0, 3]
+    matched = M.box_iou_cxcywh(blank["pred_boxes"][0], box)
+    matched[3] += 1e-6
+    expected_blank = blank["pred_logits"][0, :, 2].sigmoid()
+    torch.testing.assert_close(scores[1, 0], expected_blank[matched.argmax()], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores[1, 1], expected_blank[3], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(scores[0], scores[1])
+
+
+def test_lrp_rollout_and_chefer_give_their_own_token_maps(model, prepared):
+    for name in ("lrp-ah", "attention-rollout", "chefer"):
+        attribution = Me.get_method(name).attribute_batch(model, prepared, QUERIES, LABELS)
+        assert attribution.tokens is not None and attribution.tokens.shape[0] == 2, name
+        assert torch.isfinite(attribution.tokens).all()
+    assert Me.get_method("gradient").attribute_batch(model, prepared, QUERIES, LABELS).tokens is None
+
+
 def test_evaluate_writes_tables_curves_and_summary(model, tmp_path):
     from maskdino_lrp.eval.run import evaluate, main
 
-    result = evaluate("tiny", None, n_images=1, seed=0, out_dir=tmp_path, methods=["random", "gradient"], steps=2,
-                      progress=False, model=model, image_size=64, score_threshold=0.0, iou_threshold=0.0,
-                      require_class=False, max_pairs_per_image=2, randomisation=False)
+    result = evaluate("tiny", None, n_images=1, seed=0, out_dir=tmp_path, methods=["random", "gradient", "chefer"],
+                      steps=2, progress=False, model=model, image_size=64, score_threshold=0.0, iou_threshold=0.0,
+                      require_class=False, max_pairs_per_image=2, randomisation=False, units=["pixels", "tokens"])
     assert result["n_pairs"] == 2
     for name in ("results.md", "results.csv", "pairs.csv", "curves.csv", "deletion.png", "insertion.png",
-                 "summary.md", "settings.json"):
+                 "token_deletion.png", "token_insertion.png", "summary.md", "settings.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
     table = (tmp_path / "results.md").read_text()
     assert "| gradient | 2 |" in table and "deletion gap vs random" in table
     gradient = result["table"]["gradient"]
     assert gradient["mass_accuracy"].n == 2 and np.isfinite(gradient["deletion_auc"].mean)
+    assert gradient["token_deletion_auc"].n == 2 and result["table"]["chefer"]["token_insertion_gap"].n == 2
+    assert "token deletion gap vs random" in table and "mean token" in (tmp_path / "summary.md").read_text()
     assert "random weights" in (tmp_path / "summary.md").read_text()
     assert main(["--config", "tiny", "--methods", "nope", "--out", str(tmp_path), "--quiet"]) == 2
 
@@ -261,3 +305,4 @@ def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path
     with pytest.raises(ValueError, match=r"steps differ.*new --out"):
         run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "whole", **{**kwargs, "steps": 3})
     assert run.main(["--config", "tiny", "--shard", "2/2", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert run.main(["--config", "tiny", "--units", "voxels", "--out", str(tmp_path / "x"), "--quiet"]) == 2

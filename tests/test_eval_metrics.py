@@ -179,6 +179,23 @@ def test_relevance_order_is_descending_with_seeded_ties():
     np.testing.assert_array_equal(order, M.relevance_order(e, seed=3))
 
 
+def test_pool_to_tokens_sums_each_footprint_by_hand():
+    e = torch.arange(1.0, 13.0).view(3, 4)  # a 3×4 map in a 4×4 padded input: the last row is padding
+    tokens = M.pool_to_tokens(e, [(1, 1), (2, 2)], (4, 4))
+    np.testing.assert_allclose(tokens.numpy(), [78.0, 1 + 2 + 5 + 6, 3 + 4 + 7 + 8, 9 + 10, 11 + 12])
+
+
+def test_level_balanced_order_takes_every_level_alike():
+    shapes = [(1, 2), (2, 4)]  # 2 coarse tokens, 8 fine tokens
+    relevance = np.array([0.0, 9.0] + [8, 7, 6, 5, 4, 3, 2, 1.0])
+    order = M.level_balanced_order(relevance, shapes)
+    # the first half of the order holds the better coarse token and the better half of the fine tokens
+    assert sorted(order[:5].tolist()) == [1, 2, 3, 4, 5]
+    assert order[0] in (1, 2) and set(order[5:].tolist()) == {0, 6, 7, 8, 9}
+    with pytest.raises(ValueError, match="cover 10 tokens"):
+        M.level_balanced_order(np.zeros(11), shapes)
+
+
 def test_replacements():
     image = torch.rand(3, 12, 10)
     mean = M.mean_replacement(image)

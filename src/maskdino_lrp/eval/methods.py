@@ -31,6 +31,7 @@ Shared conventions:
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 import zlib
@@ -62,6 +63,7 @@ class Attribution:
     maps: torch.Tensor  # (K, h, w) at the model input size, float32 on CPU
     seconds: float  # wall time for all K maps together
     extras: list[dict[str, float]] = field(default_factory=list)  # per map, e.g. LRP conservation
+    tokens: torch.Tensor | None = None  # (K, T) the method's own encoder-input-token maps, where it has them
 
     @property
     def seconds_per_map(self) -> float:
@@ -134,7 +136,7 @@ def _image_seed(prepared: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the interface
-class Method:
+class Method(abc.ABC):
     """One explanation method. Subclasses implement :meth:`_maps`; the rest is shared."""
 
     name: str = "method"
@@ -152,17 +154,18 @@ class Method:
         if len(queries) != len(labels):
             raise MethodError(f"{len(queries)} queries but {len(labels)} labels")
         start = time.perf_counter()
-        maps, extras = self._maps(model, prepared, queries, labels)
+        maps, extras, *tokens = self._maps(model, prepared, queries, labels)
         seconds = time.perf_counter() - start
         maps = maps.detach().float().cpu()
         expected = (len(queries), *prepared.resized_size)
         if tuple(maps.shape) != expected:  # pragma: no cover - a method bug, not a user error
             raise RuntimeError(f"method {self.name!r} returned maps of shape {tuple(maps.shape)}, expected {expected}")
-        return Attribution(maps, seconds, extras or [{} for _ in queries])
+        token_maps = tokens[0].detach().float().cpu() if tokens and tokens[0] is not None else None
+        return Attribution(maps, seconds, extras or [{} for _ in queries], token_maps)
 
-    def _maps(self, model: nn.Module, prepared: Any, queries: list[int], labels: list[int]
-              ) -> tuple[torch.Tensor, list[dict[str, float]] | None]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _maps(self, model: nn.Module, prepared: Any, queries: list[int], labels: list[int]) -> tuple:
+        """(maps (K, Hp or h, …) cropped to (K, h, w), extras per map or None[, token maps (K, T) or None])."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -228,10 +231,10 @@ class LRPMethod(Method):
             return outputs["pred_logits"][0, qs, fixed_labels.to(qs.device)]
 
         explanation = LRP(model, composite=self.composite, chunk_size=self.chunk_size).explain(
-            prepared.rgb, queries=queries, target=class_target, stops=("pixels",))
+            prepared.rgb, queries=queries, target=class_target, stops=("pixels", "encoder_input"))
         report = explanation.conservation.get("pixels", {})
         extras = [{key: float(value[i]) for key, value in report.items()} for i in range(len(queries))]
-        return explanation.relevance["pixels"], extras
+        return explanation.relevance["pixels"], extras, explanation.relevance["encoder_input"]
 
 
 LRP_METHODS = {f"lrp-{c}": c for c in ("default", "ah", "deform-query", "epsilon")}
@@ -554,7 +557,8 @@ class AttentionRollout(Method):
             cross = _decoder_cross_to_encoder_order(cross, rec.decoder_to_encoder_tokens())
             r_qi = r_qq.t() @ cross @ r_ii
             tokens = r_qi[torch.tensor(queries, device=r_qi.device)]
-            return tokens_to_pixels(tokens, rec.encoder_shapes, prepared.tensor.shape[-2:], prepared.resized_size), None
+            pixels = tokens_to_pixels(tokens, rec.encoder_shapes, prepared.tensor.shape[-2:], prepared.resized_size)
+            return pixels, None, tokens
 
 
 register_method("attention-rollout", AttentionRollout)
@@ -633,7 +637,7 @@ class CheferAttention(Method):
                     r_qi = r_qi + _normalise_self_relevance(r_qq).t() @ cam_c @ r_ii_bar
                 tokens.append(r_qi[q])
         tokens = torch.stack(tokens).detach()
-        return tokens_to_pixels(tokens, rec.encoder_shapes, prepared.tensor.shape[-2:], prepared.resized_size), None
+        return tokens_to_pixels(tokens, rec.encoder_shapes, prepared.tensor.shape[-2:], prepared.resized_size), None, tokens
 
 
 register_method("chefer", CheferAttention)

@@ -18,6 +18,13 @@ where the doc leaves room, stated once here:
   pixels get the value of a neutral image — :func:`mean_replacement` (per-image, per-channel mean
   colour, the default) or :func:`blur_replacement` (Gaussian blur). The curve is a model score per
   step; the area under it is the trapezoid over the removed fraction in [0, 1].
+* **Encoder tokens** (the ``tokens`` unit): the deformable encoder's input tokens are removed
+  instead of pixels; a removed token is replaced by the mean token of its level (of the same image),
+  before the position encoding is added, and the model runs on from there (:class:`TokenScore`; the
+  FPN's stride-4 lateral path reads the backbone directly and is not perturbed). Every step removes
+  the same fraction of every level, each level's tokens in order of relevance
+  (:func:`level_balanced_order`), so levels whose tokens cover more pixels are not favoured.
+  A pixel map becomes a token map by summing it over each token's footprint (:func:`pool_to_tokens`).
 * **AOPC** (Samek et al. 2017): ``1/(k+1) Σ_{j=0..k} (s_0 − s_j)`` over the first ``k`` steps.
 * **Confidence intervals**: Student-t by default (:func:`mean_ci`); a percentile bootstrap
   (:func:`bootstrap_ci`) is there to check it.
@@ -41,6 +48,7 @@ __all__ = [
     "energy_pointing_game", "leak_to_other_objects", "conservation_error", "rank_correlation",
     "mean_replacement", "blur_replacement", "relevance_order", "perturbation_fractions", "perturbed_images",
     "perturbation_curve", "area_under_curve", "aopc", "box_iou_cxcywh", "DetectorScore", "PeakMemory",
+    "TokenScore", "pool_to_tokens", "level_balanced_order",
 ]
 
 
@@ -282,16 +290,16 @@ def perturbed_images(image: torch.Tensor, neutral: torch.Tensor, order: np.ndarr
 
 def perturbation_curve(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                        neutral: torch.Tensor, relevance: Any, steps: int = 20, mode: str = "deletion",
-                       batch_size: int = 8, seed: int = 0, endpoints: tuple[Any, Any] | None = None
-                       ) -> np.ndarray:
+                       batch_size: int = 8, seed: int = 0, endpoints: tuple[Any, Any] | None = None,
+                       order: np.ndarray | None = None) -> np.ndarray:
     """Scores (steps+1,) or (steps+1, S) along a deletion or insertion curve.
 
     ``score_fn`` maps a batch of images (B, C, H, W) to (B,) or (B, S) scores. ``endpoints`` =
     (score of ``image``, score of ``neutral``), if already known, saves the two order-independent
-    forwards.
+    forwards. ``order`` (flat indices, first removed first) replaces the order of ``relevance``.
     """
     c, h, w = image.shape[-3:]
-    order = relevance_order(relevance, seed)
+    order = relevance_order(relevance, seed) if order is None else np.asarray(order)
     if order.size != h * w:
         raise ValueError(f"relevance has {order.size} pixels, the image {h * w}")
     fractions = perturbation_fractions(steps)
@@ -359,9 +367,12 @@ class DetectorScore:
         self.label = int(label)
         self.box = box.detach().reshape(4)  # cx cy w h, normalised to the padded input
 
+    def _outputs(self, images: torch.Tensor) -> dict[str, Any]:
+        return self.model(self.model.normalize_and_pad(images))
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            outputs = self.model(self.model.normalize_and_pad(images))
+            outputs = self._outputs(images)
         iou = box_iou_cxcywh(outputs["pred_boxes"], self.box.to(outputs["pred_boxes"]))  # (B, Q)
         # prefer the explained query on equal IoU (argmax takes the first maximum)
         iou[:, self.query] += 1e-6
@@ -369,6 +380,80 @@ class DetectorScore:
         probs = outputs["pred_logits"][..., self.label].sigmoid()  # (B, Q)
         rows = torch.arange(probs.shape[0], device=probs.device)
         return torch.stack([probs[rows, matched], probs[:, self.query]], 1).cpu()
+
+
+class TokenScore(DetectorScore):
+    """:class:`DetectorScore` with the deformable encoder's input tokens perturbed instead of pixels.
+
+    Called on keep masks (B, 1, 1, T) over the encoder tokens (encoder order, 1 = keep, 0 = replace
+    by the mean token of its level); the backbone runs once, at construction, on ``tensor`` (the
+    normalised, padded input (1, 3, Hp, Wp)). ``shapes`` and ``padded_size`` describe the token grid.
+    """
+
+    def __init__(self, model: torch.nn.Module, tensor: torch.Tensor, query: int, label: int, box: torch.Tensor):
+        super().__init__(model, query, label, box)
+        self.encoder = model.sem_seg_head.pixel_decoder.transformer.encoder
+        self.padded_size = tuple(tensor.shape[-2:])
+        captured: dict[str, Any] = {}
+
+        def grab(_module, args, kwargs):
+            captured["src"] = args[0] if args else kwargs["src"]
+            shapes = args[1] if len(args) > 1 else kwargs["spatial_shapes"]
+            captured["shapes"] = [(int(h), int(w)) for h, w in shapes.tolist()]
+
+        with torch.no_grad():
+            self.features = model.backbone(tensor)
+            handle = self.encoder.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                model.sem_seg_head(self.features)
+            finally:
+                handle.remove()
+        tokens = captured["src"][0]  # (T, C)
+        self.shapes: list[tuple[int, int]] = captured["shapes"]
+        sizes = [h * w for h, w in self.shapes]
+        self.num_tokens = sum(sizes)
+        self.neutral = torch.cat([level.mean(0, keepdim=True).expand_as(level)
+                                  for level in torch.split(tokens, sizes, dim=0)])
+
+    def _outputs(self, keep: torch.Tensor) -> dict[str, Any]:
+        b = keep.shape[0]
+        keep = keep.reshape(b, self.num_tokens, 1) > 0.5
+
+        def replace(_module, args, kwargs):
+            src = args[0] if args else kwargs["src"]
+            new = torch.where(keep.to(src.device), src, self.neutral.to(src)[None])
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "src": new})
+
+        handle = self.encoder.register_forward_pre_hook(replace, with_kwargs=True)
+        try:
+            return self.model.sem_seg_head({k: v.expand(b, *v.shape[1:]) for k, v in self.features.items()})
+        finally:
+            handle.remove()
+
+
+def pool_to_tokens(relevance: Any, shapes: Sequence[tuple[int, int]], padded_size: tuple[int, int]) -> torch.Tensor:
+    """A pixel map (h, w) at the model input size → (T,) encoder-token relevance: per level, the sum of
+    the map (zero over the padding) over each token's footprint of the padded input; levels in ``shapes`` order."""
+    e = torch.as_tensor(_array(relevance))
+    hp, wp = padded_size
+    padded = F.pad(e, (0, wp - e.shape[1], 0, hp - e.shape[0]))[None, None]
+    return torch.cat([(F.adaptive_avg_pool2d(padded, (h, w)) * (hp * wp / (h * w))).flatten() for h, w in shapes])
+
+
+def level_balanced_order(token_relevance: Any, shapes: Sequence[tuple[int, int]], seed: int = 0) -> np.ndarray:
+    """Token indices in removal order such that the first ``f·T`` hold ≈ a fraction ``f`` of every level,
+    each level's tokens by decreasing relevance (ties: seeded random, as :func:`relevance_order`)."""
+    e = _array(token_relevance).ravel()
+    keys = np.empty(e.size)
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        n = h * w
+        within = relevance_order(e[start:start + n], seed + level)
+        keys[start + within] = (np.arange(n) + 0.5) / n
+        start += n
+    if start != e.size:
+        raise ValueError(f"level shapes {list(shapes)} cover {start} tokens, the relevance has {e.size}")
+    return np.argsort(keys, kind="stable")
 
 
 # ----------------------------------------------------------------------------- cost

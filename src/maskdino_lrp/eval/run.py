@@ -59,6 +59,11 @@ METRICS: dict[str, tuple[str, str, int]] = {
     "insertion_gap": ("faithfulness", "insertion gap vs random", +1),
     "aopc": ("faithfulness", "AOPC (deletion)", +1),
     "deletion_auc_fixed_query": ("faithfulness", "deletion AUC (fixed query)", -1),
+    "token_deletion_auc": ("faithfulness: encoder tokens", "token deletion AUC", -1),
+    "token_deletion_gap": ("faithfulness: encoder tokens", "token deletion gap vs random", +1),
+    "token_insertion_auc": ("faithfulness: encoder tokens", "token insertion AUC", +1),
+    "token_insertion_gap": ("faithfulness: encoder tokens", "token insertion gap vs random", +1),
+    "token_aopc": ("faithfulness: encoder tokens", "token AOPC (deletion)", +1),
     "conservation_error": ("sanity and cost", "conservation error", -1),
     "bias_share": ("sanity and cost", "bias share", 0),
     "positional_share": ("sanity and cost", "positional share", 0),
@@ -80,6 +85,7 @@ class EvalSettings:
     image_size: int = 160
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     steps: int = 20  # deletion / insertion steps from 0 % to 100 % (20 → 5 % each)
+    units: list[str] = field(default_factory=lambda: ["pixels"])  # what deletion / insertion removes
     replacement: str = "mean"
     blur_sigma: float = 5.0
     aopc_steps: int = 10  # AOPC over the first k steps (with steps=20: the first 50 %)
@@ -252,6 +258,8 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
                             methods=[m for m in requested if m not in skipped], **options)
     if settings.replacement not in M.REPLACEMENTS:
         raise ValueError(f"replacement must be one of {list(M.REPLACEMENTS)}, got {settings.replacement!r}")
+    if not settings.units or set(settings.units) - set(UNITS):
+        raise ValueError(f"units must be a non-empty subset of {list(UNITS)}, got {settings.units!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = [f"`{m}` skipped: {why}" for m, why in skipped.items()]
@@ -285,8 +293,7 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
 
     done = [i for i in range(settings.n_images) if parts.has(i)]
     records: list[dict[str, Any]] = []
-    curves: dict[str, dict[str, list[np.ndarray]]] = {name: {"deletion": [], "insertion": []}
-                                                     for name in [*settings.methods, RANDOM_ORDER]}
+    curves: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in [*settings.methods, RANDOM_ORDER]}
     failures: dict[str, int] = {}
     images_without_pairs = n_pairs = 0
     elapsed = 0.0
@@ -295,7 +302,7 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
         records.extend(part["records"])
         for name, by_mode in part["curves"].items():
             for mode, values in by_mode.items():
-                curves.setdefault(name, {"deletion": [], "insertion": []})[mode].extend(np.asarray(v) for v in values)
+                curves.setdefault(name, {}).setdefault(mode, []).extend(np.asarray(v) for v in values)
         for name, count in part["failures"].items():
             failures[name] = failures.get(name, 0) + count
         notes.extend(n for n in part["notes"] if n not in notes)
@@ -316,6 +323,7 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
 
 
 RANDOM_ORDER = "random order (baseline)"
+UNITS = ("pixels", "tokens")
 
 
 @dataclass
@@ -339,8 +347,7 @@ def _evaluate_image(index: int, ctx: _ImageContext) -> dict[str, Any]:
     settings, model, random_model = ctx.settings, ctx.model, ctx.random_model
     start = time.perf_counter()
     part: dict[str, Any] = {"image": index, "n_pairs": 0, "records": [], "failures": {}, "notes": [],
-                            "curves": {name: {"deletion": [], "insertion": []}
-                                       for name in [*settings.methods, RANDOM_ORDER]}}
+                            "curves": {name: {} for name in [*settings.methods, RANDOM_ORDER]}}
     curves = part["curves"]
     sample = generate_sample(settings.seed, index, ctx.shapes_cfg)
     prepared = model.prepare(sample.image)
@@ -360,19 +367,27 @@ def _evaluate_image(index: int, ctx: _ImageContext) -> dict[str, Any]:
     image = _pixel_image(model, prepared)
     neutral = ctx.replace(image)
     rh, rw = prepared.resized_size
-    scorers, endpoints, baseline = [], [], []
+    probes: list[list[_Probe]] = []  # per pair, one per unit
     for k, pair in enumerate(pairs):
-        scorer = M.DetectorScore(model, pair.query, pair.label, outputs["pred_boxes"][0, pair.query])
-        ends = scorer(torch.stack([image, neutral])).numpy()
-        random_relevance = np.random.default_rng([settings.seed, index, k, 1]).random((rh, rw))
-        curve = {mode: M.perturbation_curve(scorer, image, neutral, random_relevance, settings.steps, mode,
-                                            settings.batch_size, endpoints=(ends[0], ends[1]))
-                 for mode in ("deletion", "insertion")}
-        for mode in curve:
-            curves[RANDOM_ORDER][mode].append(curve[mode][:, 0].tolist())
-        scorers.append(scorer)
-        endpoints.append(ends)
-        baseline.append({mode: M.area_under_curve(c[:, 0]) for mode, c in curve.items()})
+        box = outputs["pred_boxes"][0, pair.query]
+        per_unit = []
+        for unit in settings.units:
+            if unit == "pixels":
+                probe = _Probe(unit, M.DetectorScore(model, pair.query, pair.label, box), image, neutral)
+                random_order = M.relevance_order(np.random.default_rng([settings.seed, index, k, 1]).random((rh, rw)))
+            else:
+                scorer = M.TokenScore(model, prepared.tensor, pair.query, pair.label, box)
+                keep = torch.ones(1, 1, scorer.num_tokens)
+                probe = _Probe(unit, scorer, keep, torch.zeros_like(keep), shapes=scorer.shapes)
+                random_order = M.level_balanced_order(
+                    np.random.default_rng([settings.seed, index, k, 2]).random(scorer.num_tokens), scorer.shapes)
+            probe.ends = probe.scorer(torch.stack([probe.start, probe.neutral])).numpy()
+            curve = probe.curves(random_order, settings)
+            for mode in curve:
+                curves[RANDOM_ORDER].setdefault(probe.prefix + mode, []).append(curve[mode][:, 0].tolist())
+            probe.baseline = {mode: M.area_under_curve(c[:, 0]) for mode, c in curve.items()}
+            per_unit.append(probe)
+        probes.append(per_unit)
     queries = [p.query for p in pairs]
     labels = [p.label for p in pairs]
     if not ctx.warmed_up:  # lazy initialisation (kernels, caches) must not count as one method's run time
@@ -399,19 +414,12 @@ def _evaluate_image(index: int, ctx: _ImageContext) -> dict[str, Any]:
             relevance = attribution.maps[k]
             row = {"method": name, **asdict(pair)}
             row.update(_method_metrics(relevance, attribution.extras[k], pair, masks, boxes, settings))
-            ends = endpoints[k]
-            curve = {mode: M.perturbation_curve(scorers[k], image, neutral, relevance.numpy(), settings.steps,
-                                                mode, settings.batch_size, seed=settings.seed,
-                                                endpoints=(ends[0], ends[1]))
-                     for mode in ("deletion", "insertion")}
-            for mode in curve:
-                curves[name][mode].append(curve[mode][:, 0].tolist())
-            row["deletion_auc"] = M.area_under_curve(curve["deletion"][:, 0])
-            row["deletion_auc_fixed_query"] = M.area_under_curve(curve["deletion"][:, 1])
-            row["insertion_auc"] = M.area_under_curve(curve["insertion"][:, 0])
-            row["aopc"] = M.aopc(curve["deletion"][:, 0], settings.aopc_steps)
-            row["deletion_gap"] = baseline[k]["deletion"] - row["deletion_auc"]
-            row["insertion_gap"] = row["insertion_auc"] - baseline[k]["insertion"]
+            for probe in probes[k]:
+                tokens = attribution.tokens[k] if attribution.tokens is not None else None
+                curve = probe.curves(probe.order(relevance, tokens, settings.seed), settings)
+                for mode in curve:
+                    curves[name].setdefault(probe.prefix + mode, []).append(curve[mode][:, 0].tolist())
+                row.update(probe.metrics(curve, settings.aopc_steps))
             if random_maps is not None:
                 row["randomisation_spearman"] = M.rank_correlation(relevance, random_maps[k])
             row["seconds"] = attribution.seconds_per_map
@@ -420,6 +428,49 @@ def _evaluate_image(index: int, ctx: _ImageContext) -> dict[str, Any]:
                                     for k2, v in row.items()})
     part["seconds"] = time.perf_counter() - start
     return part
+
+
+@dataclass
+class _Probe:
+    """One pair's deletion / insertion set-up in one unit: ``pixels`` (``start`` = the image, ``neutral``
+    its replacement) or ``tokens`` (``start`` = keep every encoder token, ``neutral`` = keep none)."""
+
+    unit: str
+    scorer: Any
+    start: torch.Tensor
+    neutral: torch.Tensor
+    shapes: list[tuple[int, int]] | None = None
+    ends: np.ndarray | None = None  # scores of start and neutral
+    baseline: dict[str, float] = field(default_factory=dict)  # the random order's AUCs
+
+    @property
+    def prefix(self) -> str:
+        return "" if self.unit == "pixels" else "token_"
+
+    def order(self, pixel_map: torch.Tensor, token_map: torch.Tensor | None, seed: int) -> np.ndarray:
+        """Removal order: pixels by relevance; tokens level-balanced, from the method's own token map
+        where it has one, else from its pixel map summed over each token's footprint."""
+        if self.unit == "pixels":
+            return M.relevance_order(pixel_map, seed)
+        if token_map is None:
+            token_map = M.pool_to_tokens(pixel_map, self.shapes, self.scorer.padded_size)
+        return M.level_balanced_order(token_map, self.shapes, seed)
+
+    def curves(self, order: np.ndarray, settings: EvalSettings) -> dict[str, np.ndarray]:
+        return {mode: M.perturbation_curve(self.scorer, self.start, self.neutral, None, settings.steps, mode,
+                                           settings.batch_size, endpoints=(self.ends[0], self.ends[1]), order=order)
+                for mode in ("deletion", "insertion")}
+
+    def metrics(self, curve: dict[str, np.ndarray], aopc_steps: int) -> dict[str, float]:
+        p = self.prefix
+        row = {p + "deletion_auc": M.area_under_curve(curve["deletion"][:, 0]),
+               p + "insertion_auc": M.area_under_curve(curve["insertion"][:, 0]),
+               p + "aopc": M.aopc(curve["deletion"][:, 0], aopc_steps)}
+        row[p + "deletion_gap"] = self.baseline["deletion"] - row[p + "deletion_auc"]
+        row[p + "insertion_gap"] = row[p + "insertion_auc"] - self.baseline["insertion"]
+        if self.unit == "pixels":
+            row["deletion_auc_fixed_query"] = M.area_under_curve(curve["deletion"][:, 1])
+        return row
 
 
 class _PartStore:
@@ -437,7 +488,10 @@ class _PartStore:
         stamp = folder / "settings.json"
         if stamp.is_file():
             previous = json.loads(stamp.read_text())
-            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            # a setting added in a later version counts with its default where an older run lacks it
+            defaults = json.loads(json.dumps(asdict(EvalSettings()), default=str))
+            changed = sorted(k for k in set(previous) | set(fingerprint)
+                             if previous.get(k, defaults.get(k)) != fingerprint.get(k, defaults.get(k)))
             if changed:
                 raise ValueError(f"{folder.parent} holds a run with other settings ({', '.join(changed)} differ); "
                                  "use a new --out folder, or delete it to start over")
@@ -496,7 +550,7 @@ def _cell(est: M.Estimate, n_row: int) -> str:
 
 def _markdown_tables(table: dict[str, dict[str, M.Estimate]], n_rows: dict[str, int]) -> str:
     lines = []
-    for group in ("localisation", "faithfulness", "sanity and cost"):
+    for group in ("localisation", "faithfulness", "faithfulness: encoder tokens", "sanity and cost"):
         keys = [k for k, (g, _, _) in METRICS.items() if g == group
                 and any(table[m][k].n for m in table)]
         if not keys:
@@ -521,7 +575,7 @@ def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, step
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     colours = plt.get_cmap("tab20").colors
     for i, (name, by_mode) in enumerate(curves.items()):
-        if not by_mode[mode]:
+        if not by_mode.get(mode):
             continue
         mean = np.mean(np.stack(by_mode[mode]), 0)
         if name.startswith("random order"):
@@ -531,12 +585,16 @@ def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, step
             style = {"color": colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
                      "linestyle": "-" if ours else "-.", "linewidth": 1.8 if ours else 1.2}
         ax.plot(x, mean, label=f"{name} (AUC {np.trapezoid(mean, x):.3f})", **style)
-    ax.set_xlabel("fraction of pixels " + ("removed" if mode == "deletion" else "inserted"))
+    tokens = mode.startswith("token_")
+    deletion = mode.endswith("deletion")
+    what = "encoder tokens (every level alike)" if tokens else "pixels"
+    ax.set_xlabel(f"fraction of {what} " + ("removed" if deletion else "inserted"))
     ax.set_ylabel("class score of the matched query")
-    ax.set_title(f"{mode.capitalize()} ({'lower' if mode == 'deletion' else 'higher'} is better)")
+    ax.set_title(f"{'Token ' if tokens else ''}{'deletion' if deletion else 'insertion'}"
+                 f" ({'lower' if deletion else 'higher'} is better)".capitalize())
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right" if mode == "deletion" else "lower right")
+    ax.legend(fontsize=7, loc="upper right" if deletion else "lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -562,6 +620,11 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
                                           " (per-image, per-channel mean colour)")
         + "; score = sigmoid class score of the query re-matched by box IoU; AOPC over the first "
         f"{min(settings.aopc_steps, settings.steps)} steps; gaps are paired against a random order on the same pairs",
+        *(["- token deletion / insertion: the deformable encoder's input tokens (before position encoding) are "
+           "replaced by their level's mean token, the same fraction of every level per step, each level's tokens "
+           "by relevance; token maps are the method's own where it has them (LRP at the encoder input, rollout, "
+           "Chefer), else its pixel map summed over each token's footprint; the stride-4 FPN lateral path is "
+           "not perturbed"] if "tokens" in settings.units else []),
         f"- pointing game tolerance {settings.pointing_tolerance} px; intervals: Student-t 95 % over pairs",
         "- cost: seconds / explanation = wall time of the evaluated call ÷ the image's K pairs (LRP explains "
         "the K queries in one batched backward, the others loop); peak memory from a second call of the same "
@@ -578,7 +641,8 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Findings", ""]
-    for key in ("deletion_gap", "insertion_gap", "mass_accuracy", "pointing_game", "leak"):
+    for key in ("deletion_gap", "insertion_gap", "token_deletion_gap", "token_insertion_gap", "mass_accuracy",
+                "pointing_game", "leak"):
         label, direction = METRICS[key][1], METRICS[key][2]
         ranked = sorted(((est.mean, name) for name, row in table.items() if (est := row[key]).n),
                         reverse=direction > 0)
@@ -651,7 +715,7 @@ def _write_outputs(out: Path, settings: EvalSettings, table: dict[str, dict[str,
                     curve_rows.append((name, mode, frac, est.mean, est.low, est.high, est.n))
     _atomic_write(out / "curves.csv", _csv_text(["method", "mode", "fraction", "mean", "ci_low", "ci_high", "n"],
                                                 curve_rows))
-    for mode in ("deletion", "insertion"):
+    for mode in sorted({mode for by_mode in curves.values() for mode, values in by_mode.items() if values}):
         _plot_curves(curves, mode, settings.steps, out / f"{mode}.png")
     _atomic_write(out / "settings.json", json.dumps({**asdict(settings), **meta}, indent=2, default=str))
     _atomic_write(out / "summary.md", _summary(settings, table, notes, meta))
@@ -670,6 +734,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help=f"comma list (default: all available): {', '.join(DEFAULT_METHODS)}")
     p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps over 0..100%% (default 20 = 5%%)")
+    p.add_argument("--units", default="pixels",
+                   help="what deletion / insertion removes: pixels, tokens (the encoder's input tokens) or "
+                        "pixels,tokens (default pixels)")
     p.add_argument("--replacement", choices=sorted(M.REPLACEMENTS), default="mean",
                    help="neutral value for removed pixels (default mean: per-image mean colour)")
     p.add_argument("--image-size", type=int, default=160, help="synthetic image size (default 160)")
@@ -712,7 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = evaluate(
             args.config, args.checkpoint, args.images, args.seed, args.out, methods=methods, steps=args.steps,
-            progress=not args.quiet, shard=_parse_shard(args.shard), resume=not args.no_resume, replacement=args.replacement, image_size=args.image_size,
+            progress=not args.quiet, shard=_parse_shard(args.shard), resume=not args.no_resume,
+            units=[u.strip() for u in args.units.split(",") if u.strip()], replacement=args.replacement, image_size=args.image_size,
             score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
             require_class=not args.any_class, max_pairs_per_image=args.max_pairs_per_image,
             randomisation=not args.no_randomisation, device=args.device,
