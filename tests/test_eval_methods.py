@@ -306,3 +306,4 @@ def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path
         run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "whole", **{**kwargs, "steps": 3})
     assert run.main(["--config", "tiny", "--shard", "2/2", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert run.main(["--config", "tiny", "--units", "voxels", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert run.main(["--config", "tiny", "--images", "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2

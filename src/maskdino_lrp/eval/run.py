@@ -258,6 +258,8 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
                             methods=[m for m in requested if m not in skipped], **options)
     if settings.replacement not in M.REPLACEMENTS:
         raise ValueError(f"replacement must be one of {list(M.REPLACEMENTS)}, got {settings.replacement!r}")
+    if settings.n_images < 1 or settings.steps < 1:
+        raise ValueError(f"--images and --steps must be at least 1, got {settings.n_images} and {settings.steps}")
     if not settings.units or set(settings.units) - set(UNITS):
         raise ValueError(f"units must be a non-empty subset of {list(UNITS)}, got {settings.units!r}")
     out = Path(out_dir)
@@ -266,10 +268,10 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
 
     if model is None:
         settings.checkpoint = _resolve_checkpoint(settings.config, settings.checkpoint)
+        model = build_model(settings.config, checkpoint=settings.checkpoint)
         if settings.checkpoint is None:
             notes.append("no checkpoint: the model has **random weights**; the numbers say nothing about a trained model")
             log.warning("evaluating %s with random weights (no checkpoint)", settings.config)
-        model = build_model(settings.config, checkpoint=settings.checkpoint)
     model = model.to(settings.device).eval()
     random_model = _random_model(settings) if settings.randomisation else None
     method_objs: dict[str, Method] = {name: get_method(name, **settings.method_options.get(name, {}))
