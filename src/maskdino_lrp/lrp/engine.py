@@ -262,11 +262,11 @@ def _deform_forward(name: str, module: nn.Module, rule: Rule) -> Callable:
         locations = locations.detach()  # offsets and bilinear weights are positional: no relevance
         if rule.name == "value":
             weights = weights.detach()
-        sampled = da.sample_values(value, input_spatial_shapes, input_level_start_index, locations)
-        if rule.name == "value+query":
+        if rule.name == "value+query":  # the product of value and weight gets the uniform rule
+            sampled = da.sample_values(value, input_spatial_shapes, input_level_start_index, locations)
             out = da.weighted_sum(sampled, weights, product=rules.uniform_product)
-        else:
-            out = da.weighted_sum(sampled, weights)
+        else:  # linear in the value with constant weights: the plain core propagates it
+            out = da.ms_deform_attn_core(value, input_spatial_shapes, input_level_start_index, locations, weights)
         return module.output_proj(out)
 
     return forward

@@ -14,9 +14,12 @@ different backward rules:
    ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``).
 3. :func:`weighted_sum` — Σ over levels and points of attention weight × sampled value.
 
-``ms_deform_attn_core`` = 2 + 3, the equivalent of the official ``ms_deform_attn_core_pytorch``.
-Everything is indexing / gather / elementwise: no Python loop over queries (only over levels and
-the four bilinear corners), so it works under ``torch.func.vmap``.
+``ms_deform_attn_core`` = 2 + 3, the equivalent of the official ``ms_deform_attn_core_pytorch``, fused:
+per level, the bilinear corner weights are multiplied into the attention weights and one gather of
+all corners × points is reduced by a batched matrix product (no (…, L, P, D) intermediate is summed
+in several passes). With autograd off it builds the same sum as one sparse (queries × tokens) matrix
+times the values — several times faster for inference. Everything with autograd on is indexing /
+gather / matmul: no Python loop over queries, so it works under ``torch.func.vmap``.
 """
 from __future__ import annotations
 
@@ -156,13 +159,7 @@ def sample_values(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[S
     align_corners=False)``. ``level_start_index`` may be None (then it follows from the shapes).
     """
     shapes = _shape_list(spatial_shapes)
-    if level_start_index is None:
-        starts = [0]
-        for h, w in shapes[:-1]:
-            starts.append(starts[-1] + h * w)
-    else:
-        starts = [int(s) for s in (level_start_index.tolist() if isinstance(level_start_index, torch.Tensor)
-                                   else level_start_index)]
+    starts = _level_starts(shapes, level_start_index)
     per_level = []
     for lvl, (h, w) in enumerate(shapes):
         value_l = value[:, starts[lvl]:starts[lvl] + h * w]
@@ -184,11 +181,63 @@ def weighted_sum(sampled: torch.Tensor, attention_weights: torch.Tensor,
     return prod.sum(dim=(3, 4)).reshape(n, len_q, m * d)
 
 
+def _level_starts(shapes: list[tuple[int, int]], level_start_index: torch.Tensor | Sequence[int] | None) -> list[int]:
+    if level_start_index is None:
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        return starts
+    return [int(s) for s in (level_start_index.tolist() if isinstance(level_start_index, torch.Tensor)
+                             else level_start_index)]
+
+
+def _weighted_corners(value: torch.Tensor, shapes: list[tuple[int, int]], starts: list[int],
+                      sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level: rows (N, Lq, H, P·4) into the (N·H·Len_in, D) value table and their weights
+    (attention weight × bilinear weight; zero for corners outside the map)."""
+    n, len_in, m, _ = value.shape
+    base = (torch.arange(n, device=value.device).view(n, 1, 1, 1) * m
+            + torch.arange(m, device=value.device).view(1, 1, m, 1)) * len_in  # (N, 1, H, 1)
+    out = []
+    for lvl, (h, w) in enumerate(shapes):
+        corners = bilinear_corners(sampling_locations[:, :, :, lvl], h, w)  # each (N, Lq, H, P)
+        rows = torch.stack([index for index, _ in corners], -1).flatten(-2) + (base + starts[lvl])
+        weights = (torch.stack([weight for _, weight in corners], -1)
+                   * attention_weights[:, :, :, lvl, :, None]).flatten(-2)
+        out.append((rows, weights))
+    return out
+
+
 def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
                         level_start_index: torch.Tensor | Sequence[int] | None, sampling_locations: torch.Tensor,
                         attention_weights: torch.Tensor) -> torch.Tensor:
-    """Deformable attention core: value (N, Len_in, H, D) → (N, Lq, H*D) (before ``output_proj``)."""
-    return weighted_sum(sample_values(value, spatial_shapes, level_start_index, sampling_locations), attention_weights)
+    """Deformable attention core: value (N, Len_in, H, D) → (N, Lq, H*D) (before ``output_proj``).
+
+    Equal to ``weighted_sum(sample_values(...), attention_weights)`` up to float rounding.
+    """
+    shapes = _shape_list(spatial_shapes)
+    starts = _level_starts(shapes, level_start_index)
+    n, len_in, m, d = value.shape
+    len_q = sampling_locations.shape[1]
+    table = value.transpose(1, 2).reshape(n * m * len_in, d)
+    levels = _weighted_corners(value, shapes, starts, sampling_locations, attention_weights)
+    if not torch.is_grad_enabled():  # inference: one sparse (N·Lq·H) × (N·H·Len_in) matrix
+        rows = torch.cat([r for r, _ in levels], -1).reshape(n * len_q * m, -1)
+        weights = torch.cat([w for _, w in levels], -1).reshape(n * len_q * m, -1)
+        k = rows.shape[1]
+        crow = torch.arange(0, rows.numel() + 1, k, device=value.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            matrix = torch.sparse_csr_tensor(crow, rows.reshape(-1), weights.reshape(-1).to(table.dtype),
+                                             size=(n * len_q * m, n * m * len_in))
+        return (matrix @ table).view(n, len_q, m * d)
+    out = None
+    for rows, weights in levels:
+        gathered = table.index_select(0, rows.reshape(-1)).view(n * len_q * m, rows.shape[-1], d)
+        term = torch.bmm(weights.reshape(n * len_q * m, 1, -1).to(table.dtype), gathered)
+        out = term if out is None else out + term
+    return out.view(n, len_q, m * d)
 
 
 # ----------------------------------------------------------------------------- the module
