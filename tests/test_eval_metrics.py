@@ -254,3 +254,20 @@ def test_hungarian_matching_of_detections():
     assert [(p.query, p.label, p.gt) for p in pairs] == [(7, 0, 0)]
     pairs = match_detections(det, gt_boxes, np.array([1, 0]), score_threshold=0.0, require_class=True)
     assert sorted((p.query, p.gt) for p in pairs) == [(4, 0), (9, 1)]
+
+
+def test_paired_comparison_by_hand():
+    from maskdino_lrp.eval.run import paired_comparison
+
+    records = []
+    for image, (ours, theirs) in enumerate([(0.1, 0.3), (0.2, 0.3), (0.3, 0.6)]):
+        records.append({"method": "lrp-default", "image": image, "query": 5, "deletion_auc": ours, "mass_accuracy": 0.5})
+        records.append({"method": "gradient", "image": image, "query": 5, "deletion_auc": theirs, "mass_accuracy": 0.7})
+    records.append({"method": "gradient", "image": 9, "query": 1, "deletion_auc": 0.0})  # unpaired: ignored
+    paired = paired_comparison(records, "lrp-default", ["lrp-default", "gradient"], keys=("deletion_auc", "mass_accuracy"))
+    assert list(paired) == ["gradient"]
+    deletion = paired["gradient"]["deletion_auc"]  # lower is better: advantage = theirs − ours = 0.2, 0.1, 0.3
+    assert deletion.n == 3 and deletion.mean == pytest.approx(0.2)
+    expected = M.mean_ci([0.2, 0.1, 0.3])
+    assert (deletion.low, deletion.high) == pytest.approx((expected.low, expected.high))
+    assert paired["gradient"]["mass_accuracy"].mean == pytest.approx(-0.2)  # higher is better: ours − theirs

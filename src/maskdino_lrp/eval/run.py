@@ -523,6 +523,36 @@ def _progress(iterable: Iterable, enabled: bool) -> Any:
     return tqdm(iterable, desc="evaluating", unit="image", file=sys.stderr, dynamic_ncols=True)
 
 
+PAIRED_METRICS = ("deletion_auc", "insertion_auc", "aopc", "token_deletion_auc", "token_insertion_auc",
+                  "mass_accuracy", "rank_accuracy", "leak")
+
+
+def paired_comparison(records: list[dict[str, Any]], reference: str, methods: Sequence[str],
+                      keys: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, M.Estimate]]:
+    """method → metric → advantage of ``reference`` over the method on the same pairs: the per-pair
+    difference signed so that > 0 means ``reference`` is better (lower for ↓ metrics), mean and t 95 % CI.
+
+    Paired intervals are much tighter than comparing two methods' separate intervals, because the
+    images' difficulty cancels."""
+    by_pair: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+    for r in records:
+        by_pair.setdefault(r["method"], {})[(int(r["image"]), int(r["query"]))] = r
+    ours = by_pair.get(reference, {})
+    out: dict[str, dict[str, M.Estimate]] = {}
+    for name in methods:
+        if name == reference or name not in by_pair:
+            continue
+        common = sorted(set(ours) & set(by_pair[name]))
+        row = {}
+        for key in keys:
+            direction = METRICS[key][2]
+            a = [ours[c].get(key, math.nan) for c in common]
+            b = [by_pair[name][c].get(key, math.nan) for c in common]
+            row[key] = M.mean_ci(direction * M.paired_difference(a, b))
+        out[name] = row
+    return out
+
+
 def _aggregate(records: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, M.Estimate]]:
     """method → metric → Estimate (mean, t 95 % CI, N over pairs with a finite value)."""
     table: dict[str, dict[str, M.Estimate]] = {}
@@ -567,6 +597,20 @@ def _markdown_tables(table: dict[str, dict[str, M.Estimate]], n_rows: dict[str, 
     return "\n".join(lines)
 
 
+def _paired_markdown(paired: dict[str, dict[str, M.Estimate]], reference: str | None) -> str:
+    keys = [k for k in PAIRED_METRICS if any(row[k].n for row in paired.values())]
+    if not paired or not keys:
+        return ""
+    lines = [f"\n### Paired: advantage of {reference} over each method\n",
+             "Per-pair difference on the same (image, detection) pairs, signed so that > 0 means "
+             f"{reference} is better; mean [95 % CI, Student t]. An interval above 0 is a measured advantage.\n",
+             "| method | " + " | ".join(METRICS[k][1] for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for name, row in paired.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row[k], row[k].n) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, steps: int, path: Path) -> None:
     import matplotlib
 
@@ -604,7 +648,8 @@ def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, step
     _atomic_write(path, buf.getvalue())
 
 
-def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], notes: list[str], meta: dict) -> str:
+def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], notes: list[str], meta: dict,
+             paired: dict[str, dict[str, M.Estimate]]) -> str:
     lines = [
         "# Explanation-method comparison", "",
         f"- model: `{settings.config}`, checkpoint: `{settings.checkpoint or 'none (random weights)'}`, "
@@ -665,20 +710,25 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
         lines.append(line)
     lrp = [m for m in table if m in LRP_METHODS]
     others = [m for m in table if m not in LRP_METHODS and m != "random"]
-    if "lrp-default" in table and others and table["lrp-default"]["deletion_gap"].n:
-        ours = table["lrp-default"]["deletion_gap"]
-        beats = [m for m in others if table[m]["deletion_gap"].n and ours.mean > table[m]["deletion_gap"].mean]
-        clear = [m for m in beats if not _overlaps(ours, table[m]["deletion_gap"])]
-        lines.append(f"- **AttnLRP ordering** (LRP above gradient, IG, rollout, Chefer in faithfulness): lrp-default's "
-                     f"deletion gap is higher than {len(beats)}/{len(others)} baselines"
-                     f" ({', '.join(beats) or 'none'}); clearly (non-overlapping CIs) for: {', '.join(clear) or 'none'}.")
+    for key, label in (("deletion_auc", "deletion AUC"), ("insertion_auc", "insertion AUC"),
+                       ("token_deletion_auc", "token deletion AUC"), ("token_insertion_auc", "token insertion AUC"),
+                       ("mass_accuracy", "relevance mass accuracy")):
+        rows = {m: paired[m][key] for m in others if m in paired and paired[m][key].n > 1}
+        if not rows:
+            continue
+        better = [m for m, est in rows.items() if est.low > 0]
+        worse = [m for m, est in rows.items() if est.high < 0]
+        lines.append(f"- **lrp-default vs baselines, {label}** (paired 95 % CI of lrp-default's advantage on the "
+                     f"same pairs): better than {', '.join(better) or 'none'}; worse than {', '.join(worse) or 'none'}"
+                     f"; not separable from {', '.join(m for m in rows if m not in better + worse) or 'none'}")
     if lrp:
         errs = ", ".join(f"{m} {table[m]['conservation_error']}" for m in lrp if table[m]["conservation_error"].n)
         if errs:
             lines.append(f"- conservation error |ΣR − target|/|target| (pixels + padding): {errs}; what biases, "
                          "position encodings and non-conservative rules take is in the shares of results.md")
     lines.append("")
-    lines.append("Tables: results.md / results.csv; raw per pair: pairs.csv; curves: deletion.png, insertion.png.")
+    lines.append("Tables: results.md / results.csv; paired comparisons: paired.csv; raw per pair: pairs.csv; "
+                 "curves: curves.csv and the PNGs.")
     return "\n".join(lines) + "\n"
 
 
@@ -699,7 +749,13 @@ def _write_outputs(out: Path, settings: EvalSettings, table: dict[str, dict[str,
     header = (f"# Results: {settings.config}, {meta['n_pairs']} pairs from {_images_done(settings, meta)} images "
               f"(seed {settings.seed})\n\nmean [95 % CI, Student t] over (image, detection) pairs; N = pairs; "
               f"(n=…) where a metric has fewer finite values. Replacement: {settings.replacement}.\n\n")
-    _atomic_write(out / "results.md", header + _markdown_tables(table, n_rows))
+    reference = "lrp-default" if "lrp-default" in table else next(iter(table), None)
+    paired = paired_comparison(records, reference, list(table)) if reference else {}
+    _atomic_write(out / "results.md", header + _markdown_tables(table, n_rows) + _paired_markdown(paired, reference))
+    _atomic_write(out / "paired.csv", _csv_text(
+        ["reference", "method", "metric", "advantage_mean", "ci_low", "ci_high", "n"],
+        [(reference, name, key, est.mean, est.low, est.high, est.n)
+         for name, row in paired.items() for key, est in row.items() if est.n]))
     _atomic_write(out / "results.csv", _csv_text(
         ["method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better"],
         [(name, key, est.mean, est.low, est.high, est.n, {1: "yes", -1: "no", 0: ""}[METRICS[key][2]])
@@ -720,7 +776,7 @@ def _write_outputs(out: Path, settings: EvalSettings, table: dict[str, dict[str,
     for mode in sorted({mode for by_mode in curves.values() for mode, values in by_mode.items() if values}):
         _plot_curves(curves, mode, settings.steps, out / f"{mode}.png")
     _atomic_write(out / "settings.json", json.dumps({**asdict(settings), **meta}, indent=2, default=str))
-    _atomic_write(out / "summary.md", _summary(settings, table, notes, meta))
+    _atomic_write(out / "summary.md", _summary(settings, table, notes, meta, paired))
 
 
 # ----------------------------------------------------------------------------- command line
