@@ -197,3 +197,26 @@ def test_fused_core_and_sparse_inference_core_equal_the_decomposition_with_gradi
     for i in range(3):
         single = torch.autograd.grad(ref, inputs[0], rows[i], retain_graph=True)[0]
         torch.testing.assert_close(batched[i], single, atol=1e-12, rtol=0)
+
+
+def test_sparse_core_with_constant_weights_has_the_value_gradient_also_batched():
+    """The LRP value path (locations and weights constant): the sparse matrix and its transpose give the
+    decomposition's value and value gradient, one backward per row or all rows vmapped."""
+    shapes = torch.tensor([[5, 4], [2, 3]])
+    g = torch.Generator().manual_seed(11)
+    value = torch.randn(2, 26, 2, 8, generator=g, dtype=torch.float64)
+    loc = torch.rand(2, 6, 2, 2, 3, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    w = torch.rand(2, 6, 2, 2, 3, generator=g, dtype=torch.float64)
+    v_ref = value.clone().requires_grad_(True)
+    ref = da.weighted_sum(da.sample_values(v_ref, shapes, None, loc), w)
+    v = value.clone().requires_grad_(True)
+    out = da.ms_deform_attn_core(v, shapes, None, loc, w)
+    assert "SparseMatmul" in type(out.grad_fn.next_functions[0][0]).__name__  # the sparse path is the one tested
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    rows = torch.randn(4, *ref.shape, generator=g, dtype=torch.float64)
+    batched = torch.autograd.grad(out, v, rows, is_grads_batched=True, retain_graph=True)[0]
+    for i in range(4):
+        expected = torch.autograd.grad(ref, v_ref, rows[i], retain_graph=True)[0]
+        torch.testing.assert_close(torch.autograd.grad(out, v, rows[i], retain_graph=True)[0], expected,
+                                   atol=1e-12, rtol=0)
+        torch.testing.assert_close(batched[i], expected, atol=1e-12, rtol=0)

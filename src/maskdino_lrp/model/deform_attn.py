@@ -181,6 +181,81 @@ def weighted_sum(sampled: torch.Tensor, attention_weights: torch.Tensor,
     return prod.sum(dim=(3, 4)).reshape(n, len_q, m * d)
 
 
+class _SparseRows:
+    """A sparse matrix with the same number ``k`` of entries in every row (row r: columns ``rows[r]``,
+    values ``weights[r]``), as CSR; its transpose is built once, on first use (the backward)."""
+
+    def __init__(self, rows: torch.Tensor, weights: torch.Tensor, num_columns: int):
+        num_rows, k = rows.shape
+        crow = torch.arange(0, num_rows * k + 1, k, device=rows.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.csr = torch.sparse_csr_tensor(crow, rows.reshape(-1), weights.reshape(-1),
+                                               size=(num_rows, num_columns))
+        self._rows, self._weights, self._transpose = rows, weights, None
+
+    def matmul(self, dense: torch.Tensor) -> torch.Tensor:
+        return self.csr @ dense
+
+    def transpose_matmul(self, dense: torch.Tensor) -> torch.Tensor:
+        if self._transpose is None:
+            columns = self._rows.reshape(-1)
+            order = torch.argsort(columns, stable=True)
+            counts = torch.bincount(columns, minlength=self.csr.shape[1])
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            row_of = torch.arange(self._rows.shape[0], device=columns.device).repeat_interleave(self._rows.shape[1])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._transpose = torch.sparse_csr_tensor(crow, row_of[order], self._weights.reshape(-1)[order],
+                                                          size=(self.csr.shape[1], self.csr.shape[0]))
+        return self._transpose @ dense
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """``matrix @ dense`` with the gradient ``matrixᵀ @ grad`` w.r.t. ``dense`` only (the matrix is
+    constant). A vmap rule folds the batch into the columns, so ``is_grads_batched`` backwards work."""
+
+    @staticmethod
+    def forward(matrix: _SparseRows, dense: torch.Tensor) -> torch.Tensor:
+        return matrix.matmul(dense)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.matrix = inputs[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, _SparseTransposeMatmul.apply(ctx.matrix, grad)
+
+    @staticmethod
+    def vmap(info, in_dims, matrix, dense):
+        d = dense.movedim(in_dims[1], -1)  # (rows, columns, batch)
+        r, c, b = d.shape
+        return _SparseMatmul.apply(matrix, d.reshape(r, c * b)).view(-1, c, b), 2
+
+
+class _SparseTransposeMatmul(torch.autograd.Function):
+    """``matrixᵀ @ dense`` (the backward of :class:`_SparseMatmul`), batched by folding into columns."""
+
+    @staticmethod
+    def forward(matrix: _SparseRows, dense: torch.Tensor) -> torch.Tensor:
+        return matrix.transpose_matmul(dense)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.matrix = inputs[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, _SparseMatmul.apply(ctx.matrix, grad)
+
+    @staticmethod
+    def vmap(info, in_dims, matrix, dense):
+        d = dense.movedim(in_dims[1], -1)
+        r, c, b = d.shape
+        return _SparseTransposeMatmul.apply(matrix, d.reshape(r, c * b)).view(-1, c, b), 2
+
+
 def _level_starts(shapes: list[tuple[int, int]], level_start_index: torch.Tensor | Sequence[int] | None) -> list[int]:
     if level_start_index is None:
         starts = [0]
@@ -222,16 +297,16 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
     len_q = sampling_locations.shape[1]
     table = value.transpose(1, 2).reshape(n * m * len_in, d)
     levels = _weighted_corners(value, shapes, starts, sampling_locations, attention_weights)
-    if not torch.is_grad_enabled():  # inference: one sparse (N·Lq·H) × (N·H·Len_in) matrix
+    constant_weights = not (sampling_locations.requires_grad or attention_weights.requires_grad)
+    if not torch.is_grad_enabled() or constant_weights:
+        # inference, or the LRP value path (locations and weights constant): one sparse
+        # (N·Lq·H) × (N·H·Len_in) matrix; its backward multiplies by the transpose
         rows = torch.cat([r for r, _ in levels], -1).reshape(n * len_q * m, -1)
-        weights = torch.cat([w for _, w in levels], -1).reshape(n * len_q * m, -1)
-        k = rows.shape[1]
-        crow = torch.arange(0, rows.numel() + 1, k, device=value.device)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            matrix = torch.sparse_csr_tensor(crow, rows.reshape(-1), weights.reshape(-1).to(table.dtype),
-                                             size=(n * len_q * m, n * m * len_in))
-        return (matrix @ table).view(n, len_q, m * d)
+        weights = torch.cat([w for _, w in levels], -1).reshape(n * len_q * m, -1).to(table.dtype)
+        matrix = _SparseRows(rows, weights.detach(), n * m * len_in)
+        if not torch.is_grad_enabled() or not table.requires_grad:
+            return matrix.matmul(table).view(n, len_q, m * d)
+        return _SparseMatmul.apply(matrix, table).view(n, len_q, m * d)
     out = None
     for rows, weights in levels:
         gathered = table.index_select(0, rows.reshape(-1)).view(n * len_q * m, rows.shape[-1], d)
