@@ -212,48 +212,27 @@ class _SparseRows:
 
 
 class _SparseMatmul(torch.autograd.Function):
-    """``matrix @ dense`` with the gradient ``matrixᵀ @ grad`` w.r.t. ``dense`` only (the matrix is
-    constant). A vmap rule folds the batch into the columns, so ``is_grads_batched`` backwards work."""
+    """``matrix @ dense`` (or ``matrixᵀ @ dense`` with ``transpose``), differentiable in ``dense`` only
+    (the matrix is constant): the gradient is the other product. A vmap rule folds the batch into the
+    columns, so ``is_grads_batched`` backwards work."""
 
     @staticmethod
-    def forward(matrix: _SparseRows, dense: torch.Tensor) -> torch.Tensor:
-        return matrix.matmul(dense)
+    def forward(matrix: _SparseRows, dense: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        return matrix.transpose_matmul(dense) if transpose else matrix.matmul(dense)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.matrix = inputs[0]
+        ctx.matrix, ctx.transpose = inputs[0], inputs[2]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, _SparseTransposeMatmul.apply(ctx.matrix, grad)
+        return None, _SparseMatmul.apply(ctx.matrix, grad, not ctx.transpose), None
 
     @staticmethod
-    def vmap(info, in_dims, matrix, dense):
+    def vmap(info, in_dims, matrix, dense, transpose):
         d = dense.movedim(in_dims[1], -1)  # (rows, columns, batch)
         r, c, b = d.shape
-        return _SparseMatmul.apply(matrix, d.reshape(r, c * b)).view(-1, c, b), 2
-
-
-class _SparseTransposeMatmul(torch.autograd.Function):
-    """``matrixᵀ @ dense`` (the backward of :class:`_SparseMatmul`), batched by folding into columns."""
-
-    @staticmethod
-    def forward(matrix: _SparseRows, dense: torch.Tensor) -> torch.Tensor:
-        return matrix.transpose_matmul(dense)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.matrix = inputs[0]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return None, _SparseMatmul.apply(ctx.matrix, grad)
-
-    @staticmethod
-    def vmap(info, in_dims, matrix, dense):
-        d = dense.movedim(in_dims[1], -1)
-        r, c, b = d.shape
-        return _SparseTransposeMatmul.apply(matrix, d.reshape(r, c * b)).view(-1, c, b), 2
+        return _SparseMatmul.apply(matrix, d.reshape(r, c * b), transpose).view(-1, c, b), 2
 
 
 def _level_starts(shapes: list[tuple[int, int]], level_start_index: torch.Tensor | Sequence[int] | None) -> list[int]:
@@ -306,7 +285,7 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
         matrix = _SparseRows(rows, weights.detach(), n * m * len_in)
         if not torch.is_grad_enabled() or not table.requires_grad:
             return matrix.matmul(table).view(n, len_q, m * d)
-        return _SparseMatmul.apply(matrix, table).view(n, len_q, m * d)
+        return _SparseMatmul.apply(matrix, table, False).view(n, len_q, m * d)
     out = None
     for rows, weights in levels:
         gathered = table.index_select(0, rows.reshape(-1)).view(n * len_q * m, rows.shape[-1], d)
