@@ -283,10 +283,12 @@ def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path
 
     kwargs = dict(methods=["random", "gradient"], steps=2, progress=False, model=model, image_size=64,
                   score_threshold=0.0, iou_threshold=0.0, require_class=False, max_pairs_per_image=1,
-                  randomisation=False)
+                  randomisation=False, max_fraction=0.5)
     whole = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "whole", **kwargs)
     first = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "sharded", shard=(0, 2), **kwargs)
-    assert first["n_images_done"] == 2 and "**incomplete**: 2 of 3" in (tmp_path / "sharded" / "summary.md").read_text()
+    assert first["n_images_done"] == 2
+    report = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "sharded", aggregate_only=True, **kwargs)
+    assert report["n_images_done"] == 2 and report["n_pairs"] == first["n_pairs"] and "**incomplete**: 2 of 3" in (tmp_path / "sharded" / "summary.md").read_text()
     second = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "sharded", shard=(1, 2), **kwargs)
     assert second["n_images_done"] == 3 and second["n_pairs"] == whole["n_pairs"] == 3
     assert _table_without_cost(second) == _table_without_cost(whole)
@@ -307,3 +309,5 @@ def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path
     assert run.main(["--config", "tiny", "--shard", "2/2", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert run.main(["--config", "tiny", "--units", "voxels", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert run.main(["--config", "tiny", "--images", "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert run.main(["--config", "tiny", "--max-fraction", "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "up to 50 %" in (tmp_path / "whole" / "summary.md").read_text()

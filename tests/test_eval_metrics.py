@@ -141,6 +141,14 @@ def test_deletion_and_insertion_of_a_linear_model_by_hand():
         assert M.area_under_curve(other) >= best - 1e-12
     reverse = M.perturbation_curve(score, image, neutral, -relevance, steps=4)
     np.testing.assert_allclose(reverse, [10, 9, 7, 4, 0])
+    # stopping at half of the pixels in two steps: the first three points; AUC = mean height over [0, 0.5]
+    half = M.perturbation_curve(score, image, neutral, relevance, steps=2, max_fraction=0.5, endpoints=(10.0, 0.0))
+    np.testing.assert_allclose(half, [10, 6, 3])
+    x = M.perturbation_fractions(2, 0.5)
+    np.testing.assert_allclose(x, [0, 0.25, 0.5])
+    assert M.area_under_curve(half, x) == pytest.approx((0.25 * (10 + 6) / 2 + 0.25 * (6 + 3) / 2) / 0.5)
+    with pytest.raises(ValueError, match="max_fraction"):
+        M.perturbation_fractions(4, 1.5)
 
 
 def test_curve_on_a_larger_linear_model_beats_random_and_known_endpoints_match():

@@ -266,11 +266,13 @@ def relevance_order(relevance: Any, seed: int = 0) -> np.ndarray:
     return np.lexsort((tie_break, -e))
 
 
-def perturbation_fractions(steps: int) -> np.ndarray:
-    """The perturbed fractions 0, 1/steps, …, 1."""
+def perturbation_fractions(steps: int, max_fraction: float = 1.0) -> np.ndarray:
+    """The perturbed fractions 0, m/steps, …, m (m = ``max_fraction``, default 1: the whole image)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return np.linspace(0.0, 1.0, steps + 1)
+    if not 0.0 < max_fraction <= 1.0:
+        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+    return np.linspace(0.0, max_fraction, steps + 1)
 
 
 def perturbed_images(image: torch.Tensor, neutral: torch.Tensor, order: np.ndarray, counts: Sequence[int],
@@ -291,24 +293,26 @@ def perturbed_images(image: torch.Tensor, neutral: torch.Tensor, order: np.ndarr
 def perturbation_curve(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                        neutral: torch.Tensor, relevance: Any, steps: int = 20, mode: str = "deletion",
                        batch_size: int = 8, seed: int = 0, endpoints: tuple[Any, Any] | None = None,
-                       order: np.ndarray | None = None) -> np.ndarray:
+                       order: np.ndarray | None = None, max_fraction: float = 1.0) -> np.ndarray:
     """Scores (steps+1,) or (steps+1, S) along a deletion or insertion curve.
 
     ``score_fn`` maps a batch of images (B, C, H, W) to (B,) or (B, S) scores. ``endpoints`` =
     (score of ``image``, score of ``neutral``), if already known, saves the two order-independent
     forwards. ``order`` (flat indices, first removed first) replaces the order of ``relevance``.
+    ``max_fraction`` < 1 stops the curve there (finer steps where a detector's score changes).
     """
     c, h, w = image.shape[-3:]
     order = relevance_order(relevance, seed) if order is None else np.asarray(order)
     if order.size != h * w:
         raise ValueError(f"relevance has {order.size} pixels, the image {h * w}")
-    fractions = perturbation_fractions(steps)
+    fractions = perturbation_fractions(steps, max_fraction)
     counts = np.round(fractions * h * w).astype(int)
     results: list[Any] = [None] * len(counts)
     if endpoints is not None:
         original, blank = endpoints
         results[0] = original if mode == "deletion" else blank
-        results[-1] = blank if mode == "deletion" else original
+        if counts[-1] == h * w:
+            results[-1] = blank if mode == "deletion" else original
     todo = [i for i, r in enumerate(results) if r is None]
     for begin in range(0, len(todo), batch_size):
         idx = todo[begin: begin + batch_size]
@@ -321,10 +325,11 @@ def perturbation_curve(score_fn: Callable[[torch.Tensor], torch.Tensor], image: 
 
 
 def area_under_curve(scores: Any, fractions: Any | None = None) -> float:
-    """Trapezoidal area under a curve over the perturbed fraction in [0, 1]."""
+    """Trapezoidal area under a curve over the perturbed fraction, divided by the fraction range: over
+    [0, 1] (the default) the area itself, over [0, m] the curve's mean height, so AUCs stay in the scores' range."""
     s = _array(scores)
     x = perturbation_fractions(len(s) - 1) if fractions is None else _array(fractions)
-    return float(np.trapezoid(s, x))
+    return float(np.trapezoid(s, x) / (x[-1] - x[0]))
 
 
 def aopc(scores: Any, k: int | None = None) -> float:

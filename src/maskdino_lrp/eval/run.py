@@ -86,6 +86,7 @@ class EvalSettings:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     steps: int = 20  # deletion / insertion steps from 0 % to 100 % (20 → 5 % each)
     units: list[str] = field(default_factory=lambda: ["pixels"])  # what deletion / insertion removes
+    max_fraction: float = 1.0  # the curves stop there: steps of max_fraction / steps
     replacement: str = "mean"
     blur_sigma: float = 5.0
     aopc_steps: int = 10  # AOPC over the first k steps (with steps=20: the first 50 %)
@@ -230,7 +231,7 @@ def _method_metrics(attribution_map: torch.Tensor, extras: dict, pair: Pair, mas
 def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int = 20, seed: int = 1,
              out_dir: str | Path = "eval_out", methods: Sequence[str] | None = None, steps: int = 20,
              progress: bool = True, model: Any = None, shard: tuple[int, int] | None = None, resume: bool = True,
-             **options: Any) -> dict[str, Any]:
+             aggregate_only: bool = False, **options: Any) -> dict[str, Any]:
     """Run the comparison and write the tables, curves and summary to ``out_dir``; returns the results.
 
     ``options`` are further :class:`EvalSettings` fields (replacement, image_size, score_threshold, …).
@@ -238,7 +239,8 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
     randomisation test). Each image's results are kept in ``out_dir/parts``: a rerun of the same
     command skips the images already done (``resume=False`` redoes them), and ``shard=(i, n)`` does only
     the images with ``index % n == i`` so n processes can share a run; every process aggregates all
-    the images done so far, so the one that finishes last writes the complete table.
+    the images done so far, so the one that finishes last writes the complete table;
+    ``aggregate_only`` evaluates nothing and writes the tables of what is there (a progress report).
     """
     from .. import build_model
     from ..data.shapes import ShapesConfig
@@ -258,6 +260,8 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
                             methods=[m for m in requested if m not in skipped], **options)
     if settings.replacement not in M.REPLACEMENTS:
         raise ValueError(f"replacement must be one of {list(M.REPLACEMENTS)}, got {settings.replacement!r}")
+    if not 0.0 < settings.max_fraction <= 1.0:
+        raise ValueError(f"--max-fraction must be in (0, 1], got {settings.max_fraction}")
     if settings.n_images < 1 or settings.steps < 1:
         raise ValueError(f"--images and --steps must be at least 1, got {settings.n_images} and {settings.steps}")
     if not settings.units or set(settings.units) - set(UNITS):
@@ -283,7 +287,7 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
 
     parts = _PartStore(out / "parts", settings)
     indices = [i for i in range(settings.n_images) if shard is None or i % shard[1] == shard[0]]
-    todo = [i for i in indices if not (resume and parts.has(i))]
+    todo = [] if aggregate_only else [i for i in indices if not (resume and parts.has(i))]
     if len(todo) < len(indices):
         log.info("resuming: %d of %d images already done in %s", len(indices) - len(todo), len(indices), parts.folder)
     context = _ImageContext(settings, model, random_model, method_objs, shapes_cfg, replace)
@@ -387,7 +391,8 @@ def _evaluate_image(index: int, ctx: _ImageContext) -> dict[str, Any]:
             curve = probe.curves(random_order, settings)
             for mode in curve:
                 curves[RANDOM_ORDER].setdefault(probe.prefix + mode, []).append(curve[mode][:, 0].tolist())
-            probe.baseline = {mode: M.area_under_curve(c[:, 0]) for mode, c in curve.items()}
+            fractions = M.perturbation_fractions(settings.steps, settings.max_fraction)
+            probe.baseline = {mode: M.area_under_curve(c[:, 0], fractions) for mode, c in curve.items()}
             per_unit.append(probe)
         probes.append(per_unit)
     queries = [p.query for p in pairs]
@@ -421,7 +426,7 @@ def _evaluate_image(index: int, ctx: _ImageContext) -> dict[str, Any]:
                 curve = probe.curves(probe.order(relevance, tokens, settings.seed), settings)
                 for mode in curve:
                     curves[name].setdefault(probe.prefix + mode, []).append(curve[mode][:, 0].tolist())
-                row.update(probe.metrics(curve, settings.aopc_steps))
+                row.update(probe.metrics(curve, settings))
             if random_maps is not None:
                 row["randomisation_spearman"] = M.rank_correlation(relevance, random_maps[k])
             row["seconds"] = attribution.seconds_per_map
@@ -460,18 +465,20 @@ class _Probe:
 
     def curves(self, order: np.ndarray, settings: EvalSettings) -> dict[str, np.ndarray]:
         return {mode: M.perturbation_curve(self.scorer, self.start, self.neutral, None, settings.steps, mode,
-                                           settings.batch_size, endpoints=(self.ends[0], self.ends[1]), order=order)
+                                           settings.batch_size, endpoints=(self.ends[0], self.ends[1]), order=order,
+                                           max_fraction=settings.max_fraction)
                 for mode in ("deletion", "insertion")}
 
-    def metrics(self, curve: dict[str, np.ndarray], aopc_steps: int) -> dict[str, float]:
+    def metrics(self, curve: dict[str, np.ndarray], settings: EvalSettings) -> dict[str, float]:
         p = self.prefix
-        row = {p + "deletion_auc": M.area_under_curve(curve["deletion"][:, 0]),
-               p + "insertion_auc": M.area_under_curve(curve["insertion"][:, 0]),
-               p + "aopc": M.aopc(curve["deletion"][:, 0], aopc_steps)}
+        x = M.perturbation_fractions(settings.steps, settings.max_fraction)
+        row = {p + "deletion_auc": M.area_under_curve(curve["deletion"][:, 0], x),
+               p + "insertion_auc": M.area_under_curve(curve["insertion"][:, 0], x),
+               p + "aopc": M.aopc(curve["deletion"][:, 0], settings.aopc_steps)}
         row[p + "deletion_gap"] = self.baseline["deletion"] - row[p + "deletion_auc"]
         row[p + "insertion_gap"] = row[p + "insertion_auc"] - self.baseline["insertion"]
         if self.unit == "pixels":
-            row["deletion_auc_fixed_query"] = M.area_under_curve(curve["deletion"][:, 1])
+            row["deletion_auc_fixed_query"] = M.area_under_curve(curve["deletion"][:, 1], x)
         return row
 
 
@@ -611,13 +618,12 @@ def _paired_markdown(paired: dict[str, dict[str, M.Estimate]], reference: str | 
     return "\n".join(lines) + "\n"
 
 
-def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, steps: int, path: Path) -> None:
+def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, x: np.ndarray, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = M.perturbation_fractions(steps)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     colours = plt.get_cmap("tab20").colors
     for i, (name, by_mode) in enumerate(curves.items()):
@@ -630,7 +636,7 @@ def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, step
             ours = name in LRP_METHODS
             style = {"color": colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
                      "linestyle": "-" if ours else "-.", "linewidth": 1.8 if ours else 1.2}
-        ax.plot(x, mean, label=f"{name} (AUC {np.trapezoid(mean, x):.3f})", **style)
+        ax.plot(x, mean, label=f"{name} (AUC {M.area_under_curve(mean, x):.3f})", **style)
     tokens = mode.startswith("token_")
     deletion = mode.endswith("deletion")
     what = "encoder tokens (every level alike)" if tokens else "pixels"
@@ -638,7 +644,7 @@ def _plot_curves(curves: dict[str, dict[str, list[np.ndarray]]], mode: str, step
     ax.set_ylabel("class score of the matched query")
     ax.set_title(f"{'Token ' if tokens else ''}{'deletion' if deletion else 'insertion'}"
                  f" ({'lower' if deletion else 'higher'} is better)".capitalize())
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, float(x[-1]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right" if deletion else "lower right")
     fig.tight_layout()
@@ -662,7 +668,8 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
         f"{settings.iou_threshold}, score ≥ {settings.score_threshold}"
         f"{', same class' if settings.require_class else ''}); {meta['images_without_pairs']} images had none",
         "- target: class logit of the detection's query and label; maps at the model input size",
-        f"- deletion / insertion: {settings.steps} steps of {100 / settings.steps:.3g} %, replacement "
+        f"- deletion / insertion: {settings.steps} steps of {100 * settings.max_fraction / settings.steps:.3g} % "
+        f"up to {100 * settings.max_fraction:.3g} % (AUC = mean score over that range), replacement "
         f"**{settings.replacement}**" + (f" (σ = {settings.blur_sigma} px)" if settings.replacement == "blur" else
                                           " (per-image, per-channel mean colour)")
         + "; score = sigmoid class score of the query re-matched by box IoU; AOPC over the first "
@@ -762,7 +769,7 @@ def _write_outputs(out: Path, settings: EvalSettings, table: dict[str, dict[str,
          for name, row in table.items() for key, est in row.items()]))
     fields = ["method", "image", "query", "label", "gt", "iou", "score", *METRICS]
     _atomic_write(out / "pairs.csv", _csv_text(fields, ([r.get(f, math.nan) for f in fields] for r in records)))
-    x = M.perturbation_fractions(settings.steps)
+    x = M.perturbation_fractions(settings.steps, settings.max_fraction)
     curve_rows = []
     for name, by_mode in curves.items():
         for mode, values in by_mode.items():
@@ -774,7 +781,7 @@ def _write_outputs(out: Path, settings: EvalSettings, table: dict[str, dict[str,
     _atomic_write(out / "curves.csv", _csv_text(["method", "mode", "fraction", "mean", "ci_low", "ci_high", "n"],
                                                 curve_rows))
     for mode in sorted({mode for by_mode in curves.values() for mode, values in by_mode.items() if values}):
-        _plot_curves(curves, mode, settings.steps, out / f"{mode}.png")
+        _plot_curves(curves, mode, x, out / f"{mode}.png")
     _atomic_write(out / "settings.json", json.dumps({**asdict(settings), **meta}, indent=2, default=str))
     _atomic_write(out / "summary.md", _summary(settings, table, notes, meta, paired))
 
@@ -795,6 +802,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--units", default="pixels",
                    help="what deletion / insertion removes: pixels, tokens (the encoder's input tokens) or "
                         "pixels,tokens (default pixels)")
+    p.add_argument("--max-fraction", type=float, default=1.0,
+                   help="curves stop at this fraction (e.g. 0.2 with --steps 20: 1%% steps up to 20%%; default 1)")
     p.add_argument("--replacement", choices=sorted(M.REPLACEMENTS), default="mean",
                    help="neutral value for removed pixels (default mean: per-image mean colour)")
     p.add_argument("--image-size", type=int, default=160, help="synthetic image size (default 160)")
@@ -812,6 +821,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="do only images with index %% N == I (run N processes with the same --out; the last to "
                         "finish writes the complete table)")
     p.add_argument("--no-resume", action="store_true", help="redo images already done in --out/parts")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="evaluate nothing; write the tables of the images done so far (e.g. while shards run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -838,7 +849,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(
             args.config, args.checkpoint, args.images, args.seed, args.out, methods=methods, steps=args.steps,
             progress=not args.quiet, shard=_parse_shard(args.shard), resume=not args.no_resume,
-            units=[u.strip() for u in args.units.split(",") if u.strip()], replacement=args.replacement, image_size=args.image_size,
+            units=[u.strip() for u in args.units.split(",") if u.strip()], aggregate_only=args.aggregate_only,
+            max_fraction=args.max_fraction, replacement=args.replacement, image_size=args.image_size,
             score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
             require_class=not args.any_class, max_pairs_per_image=args.max_pairs_per_image,
             randomisation=not args.no_randomisation, device=args.device,
