@@ -150,19 +150,10 @@ def _default() -> Composite:
 
 def _presets() -> dict[str, Composite]:
     default = _default()
-    conservative = Composite(
-        name="conservative",
-        by_kind={
-            "linear": Rule("epsilon", epsilon=1e-9),
-            "conv": Rule("epsilon", epsilon=1e-9),
-            "norm": Rule("ln"),
-            "mha": Rule("ah"),
-            "deform_attn": Rule("value"),
-            "product": Rule("uniform"),
-            "elementwise": Rule("identity"),
-            "max_pool": Rule("wta"),
-        },
-    )
+    # exactly conservative: AH-rule self-attention, ε → 0, no gamma / z^B (which move relevance to biases)
+    conservative = replace(default.with_rules("conservative", linear=Rule("epsilon", epsilon=1e-9),
+                                              conv=Rule("epsilon", epsilon=1e-9), mha=Rule("ah")),
+                           by_name=[], first_layer=None)
     gradient = Composite(
         name="gradient",
         by_kind={"linear": Rule("gradient"), "conv": Rule("gradient"), "norm": Rule("gradient"),
