@@ -17,9 +17,11 @@ different backward rules:
 ``ms_deform_attn_core`` = 2 + 3, the equivalent of the official ``ms_deform_attn_core_pytorch``, fused:
 per level, the bilinear corner weights are multiplied into the attention weights and one gather of
 all corners × points is reduced in one weighted sum (no (…, L, P, D) intermediate is summed in
-several passes). With autograd off it builds the same sum as one sparse (queries × tokens) matrix
-times the values — several times faster for inference. Everything with autograd on is indexing /
-gather / matmul: no Python loop over queries, so it works under ``torch.func.vmap``.
+several passes). With autograd off, or when the locations and weights are constants (the LRP value
+path), it builds the same sum as one sparse (queries × tokens) matrix times the values — several
+times faster; that matrix's product has a vmap rule, so batched backwards (``is_grads_batched``) work.
+With differentiable locations or weights it is indexing / gather / elementwise only, no Python loop
+over queries, so it also works under ``torch.func.vmap``.
 """
 from __future__ import annotations
 
