@@ -310,4 +310,7 @@ def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path
     assert run.main(["--config", "tiny", "--units", "voxels", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert run.main(["--config", "tiny", "--images", "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert run.main(["--config", "tiny", "--max-fraction", "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    # a bad config is refused before anything is written, so the corrected command can use the folder
+    assert run.main(["--config", "nope", "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    assert not (tmp_path / "y" / "parts").exists()
     assert "up to 50 %" in (tmp_path / "whole" / "summary.md").read_text()

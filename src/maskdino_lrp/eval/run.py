@@ -272,30 +272,31 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
 
     if model is None:
         settings.checkpoint = _resolve_checkpoint(settings.config, settings.checkpoint)
-        model = build_model(settings.config, checkpoint=settings.checkpoint)
         if settings.checkpoint is None:
             notes.append("no checkpoint: the model has **random weights**; the numbers say nothing about a trained model")
-            log.warning("evaluating %s with random weights (no checkpoint)", settings.config)
-    model = model.to(settings.device).eval()
-    random_model = _random_model(settings) if settings.randomisation else None
-    method_objs: dict[str, Method] = {name: get_method(name, **settings.method_options.get(name, {}))
-                                      for name in settings.methods}
-    shapes_cfg = ShapesConfig(image_size=settings.image_size)
-    replace = M.REPLACEMENTS[settings.replacement]
-    if settings.replacement == "blur":
-        replace = lambda img: M.blur_replacement(img, settings.blur_sigma)  # noqa: E731
-
+        if not aggregate_only:  # before the parts folder is stamped: a bad config or checkpoint leaves nothing behind
+            model = build_model(settings.config, checkpoint=settings.checkpoint)
+            if settings.checkpoint is None:
+                log.warning("evaluating %s with random weights (no checkpoint)", settings.config)
     parts = _PartStore(out / "parts", settings)
     indices = [i for i in range(settings.n_images) if shard is None or i % shard[1] == shard[0]]
     todo = [] if aggregate_only else [i for i in indices if not (resume and parts.has(i))]
     if len(todo) < len(indices):
         log.info("resuming: %d of %d images already done in %s", len(indices) - len(todo), len(indices), parts.folder)
-    context = _ImageContext(settings, model, random_model, method_objs, shapes_cfg, replace)
-    bar = _progress(todo, progress)
-    for index in bar:
-        parts.write(index, _evaluate_image(index, context))
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(pairs=context.n_pairs)
+    if todo:
+        model = model.to(settings.device).eval()
+        replace = M.REPLACEMENTS[settings.replacement]
+        if settings.replacement == "blur":
+            replace = lambda img: M.blur_replacement(img, settings.blur_sigma)  # noqa: E731
+        context = _ImageContext(settings, model, _random_model(settings) if settings.randomisation else None,
+                                {name: get_method(name, **settings.method_options.get(name, {}))
+                                 for name in settings.methods},
+                                ShapesConfig(image_size=settings.image_size), replace)
+        bar = _progress(todo, progress)
+        for index in bar:
+            parts.write(index, _evaluate_image(index, context))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(pairs=context.n_pairs)
 
     done = [i for i in range(settings.n_images) if parts.has(i)]
     records: list[dict[str, Any]] = []
