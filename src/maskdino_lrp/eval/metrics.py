@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.pixel_decoder import encoder_call_inputs
+
 __all__ = [
     "Estimate", "mean_ci", "bootstrap_ci", "paired_difference",
     "box_mask", "relevance_mass_accuracy", "relevance_rank_accuracy", "pointing_game",
@@ -402,8 +404,7 @@ class TokenScore(DetectorScore):
         captured: dict[str, Any] = {}
 
         def grab(_module, args, kwargs):
-            captured["src"] = args[0] if args else kwargs["src"]
-            shapes = args[1] if len(args) > 1 else kwargs["spatial_shapes"]
+            captured["src"], shapes = encoder_call_inputs(args, kwargs)
             captured["shapes"] = [(int(h), int(w)) for h, w in shapes.tolist()]
 
         with torch.no_grad():
@@ -425,7 +426,7 @@ class TokenScore(DetectorScore):
         keep = keep.reshape(b, self.num_tokens, 1) > 0.5
 
         def replace(_module, args, kwargs):
-            src = args[0] if args else kwargs["src"]
+            src, _ = encoder_call_inputs(args, kwargs)
             new = torch.where(keep.to(src.device), src, self.neutral.to(src)[None])
             return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "src": new})
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..model.pixel_decoder import encoder_call_inputs
 from .composites import Composite, get_composite
 from .engine import EngineError, LRPState, PixelInput, lrp_mode
 from .explanation import Explanation, Level
@@ -60,8 +61,7 @@ def _record_stops(model: nn.Module, state: LRPState) -> Iterator[None]:
         return state.ledger.track("positional", "sem_seg_head.pixel_decoder.pe_layer", out)
 
     def on_encoder(_m, args, kwargs):
-        rec["encoder_input"] = args[0] if args else kwargs["src"]
-        shapes = args[1] if len(args) > 1 else kwargs["spatial_shapes"]
+        rec["encoder_input"], shapes = encoder_call_inputs(args, kwargs)
         rec["spatial_shapes"] = [tuple(int(v) for v in s) for s in shapes]
 
     def on_predictor(_m, args, kwargs):

@@ -111,6 +111,14 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         return self.forward_ffn(src)
 
 
+def encoder_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src (B, ΣHW, C), spatial_shapes (L, 2)) of a call of :class:`MSDeformAttnTransformerEncoder`, as a
+    forward (pre-)hook with ``with_kwargs=True`` sees it, whether passed by position or by name."""
+    src = args[0] if args else kwargs["src"]
+    shapes = args[1] if len(args) > 1 else kwargs["spatial_shapes"]
+    return src, shapes
+
+
 class MSDeformAttnTransformerEncoder(nn.Module):
     """A stack of encoder layers over the flattened multi-scale tokens."""
 
