@@ -10,44 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
 
 from torch import nn
 
-# Rule names per module kind; the engine implements each.
-RULES_BY_KIND: dict[str, tuple[str, ...]] = {
-    "linear": ("epsilon", "zplus", "gamma", "gradient"),
-    "conv": ("epsilon", "zplus", "gamma", "flat", "zbox", "gradient"),
-    "norm": ("ln", "gradient"),
-    "mha": ("attnlrp", "ah", "gradient"),
-    "deform_attn": ("value", "value+query", "gradient"),
-    "product": ("uniform", "gradient"),
-    "elementwise": ("identity", "gradient"),
-    "max_pool": ("wta", "proportional"),
-}
+from .rules import KINDS, Rule, RuleError, rule_names
 
-
-class RuleError(ValueError):
-    """An unknown rule, module kind or composite."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A named rule with its parameters, e.g. ``Rule("gamma", gamma=0.25)``."""
-
-    name: str
-    params: Mapping[str, Any] = field(default_factory=dict)
-
-    def __init__(self, name: str, **params: Any):
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "params", dict(params))
-
-    def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted(self.params.items()))))
-
-    def __repr__(self) -> str:
-        args = "".join(f", {k}={v!r}" for k, v in self.params.items())
-        return f"Rule({self.name!r}{args})"
+__all__ = ["Composite", "Rule", "RuleError", "check_rule", "composite_names", "get_composite", "module_kind"]
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -84,17 +52,25 @@ class Composite:
     def __post_init__(self) -> None:
         for kind, rule in self.by_kind.items():
             check_rule(kind, rule)
+        for pattern, rule in self.by_name:
+            if not any(rule.applies_to(kind) for kind in KINDS):
+                raise RuleError(f"the rule for pattern {pattern!r}, {rule!r}, applies to no module kind; "
+                                f"rules: {', '.join(rule_names())}")
+        if self.first_layer is not None:
+            check_rule("conv", self.first_layer)
 
-    def rule_for(self, qualified_name: str, module: nn.Module, is_first_layer: bool = False) -> Rule | None:
-        """The rule for one module, or None when the plain gradient already is its LRP rule."""
-        kind = module_kind(module)
+    def rule_for(self, qualified_name: str, module: nn.Module, is_first_layer: bool = False,
+                 kind: str | None = None) -> Rule | None:
+        """The rule for one module (of ``kind``, by default found by :func:`module_kind`), or None when
+        the plain gradient already is its LRP rule."""
+        kind = kind or module_kind(module)
         if kind is None:
             return None
         if is_first_layer and self.first_layer is not None and kind == "conv":
             return self.first_layer
         for pattern, rule in self.by_name:
             # a pattern rule applies to the modules it can apply to (gamma: convs, not the max-pool)
-            if fnmatch.fnmatchcase(qualified_name, pattern) and rule.name in RULES_BY_KIND[kind]:
+            if fnmatch.fnmatchcase(qualified_name, pattern) and rule.applies_to(kind):
                 return rule
         return self.by_kind.get(kind)
 
@@ -121,11 +97,15 @@ class Composite:
 
 
 def check_rule(kind: str, rule: Rule) -> Rule:
-    """Raise RuleError unless ``rule`` exists for module kind ``kind``."""
-    if kind not in RULES_BY_KIND:
-        raise RuleError(f"unknown module kind {kind!r}; kinds: {sorted(RULES_BY_KIND)}")
-    if rule.name not in RULES_BY_KIND[kind]:
-        raise RuleError(f"rule {rule.name!r} does not apply to {kind!r} modules; choose one of {list(RULES_BY_KIND[kind])}")
+    """Raise RuleError unless ``rule`` is a rule object that applies to module kind ``kind``."""
+    if kind not in KINDS:
+        raise RuleError(f"unknown module kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if not isinstance(rule, Rule) and not (hasattr(rule, "applies_to") and hasattr(rule, "name")):
+        raise RuleError(f"the rule for {kind!r} must be a Rule, e.g. Rule('epsilon', epsilon=1e-6); got {rule!r}")
+    if not rule.applies_to(kind):
+        unknown = "" if rule.name in rule_names() else " (no rule has that name)"
+        raise RuleError(f"rule {rule.name!r} does not apply to {kind!r} modules{unknown}; "
+                        f"choose one of {rule_names(kind)}")
     return rule
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rules
-from .composites import Composite, Rule, RuleError, get_composite, module_kind
+from .composites import Composite, RuleError, get_composite, module_kind
+from .rules import PixelInput, Rule
 
 log = logging.getLogger(__name__)
 
@@ -59,47 +60,9 @@ def _is_frozen_bn(norm: nn.Module | None) -> bool:
         and not isinstance(norm, (nn.GroupNorm, nn.LayerNorm))
 
 
-def _linear_rule(rule: Rule, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if rule.name == "epsilon":
-        return rules.linear_epsilon(x, weight, bias, rule.params.get("epsilon", 1e-6))
-    if rule.name == "gamma":
-        return rules.linear_gamma(x, weight, bias, rule.params.get("gamma", 0.25))
-    if rule.name == "zplus":
-        return rules.linear_zplus(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def _conv_rule(rule: Rule, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
-               pixels: "PixelInput | None") -> torch.Tensor:
-    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    if rule.name == "epsilon":
-        return rules.conv2d_epsilon(x, weight, bias, *geometry, rule.params.get("epsilon", 1e-6))
-    if rule.name == "gamma":
-        return rules.conv2d_gamma(x, weight, bias, *geometry, rule.params.get("gamma", 0.25))
-    if rule.name == "zplus":
-        return rules.conv2d_zplus(x, weight, bias, *geometry)
-    if rule.name in ("flat", "zbox"):
-        if pixels is None or pixels.value.shape != x.shape:
-            raise EngineError(f"the {rule.name} rule applies to the layer that sees the pixels only")
-        if rule.name == "flat":
-            return rules.conv2d_flat(pixels.probe, pixels.value, weight, bias, *geometry)
-        return rules.conv2d_zbox(pixels.probe, pixels.value, weight, bias, *geometry, pixels.low, pixels.high)
-    return F.conv2d(x, weight, bias, *geometry)
-
-
-@dataclass
-class PixelInput:
-    """The model input as the first layer's rules see it: value, relevance probe (ones), and value bounds."""
-
-    value: torch.Tensor
-    probe: torch.Tensor
-    low: torch.Tensor
-    high: torch.Tensor
-
-
 def _linear_forward(name: str, module: nn.Linear, rule: Rule, ledger: Ledger) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return _linear_rule(rule, x, module.weight, ledger.track("bias", f"{name}.bias", module.bias))
+        return rule.linear(x, module.weight, ledger.track("bias", f"{name}.bias", module.bias))
 
     return forward
 
@@ -108,13 +71,14 @@ def _conv_forward(name: str, module: nn.Conv2d, rule: Rule, ledger: Ledger, pixe
     """A conv (detectron2 style: optional ``norm`` and ``activation`` attributes); frozen BN is folded in."""
     norm = getattr(module, "norm", None)
     fold = _is_frozen_bn(norm)
+    geometry = (module.stride, module.padding, module.dilation, module.groups)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         weight, bias = module.weight, module.bias
         if fold:
             weight, bias = rules.fold_batchnorm(weight, bias, norm.weight, norm.bias, norm.running_mean,
                                                 norm.running_var, getattr(norm, "eps", 1e-5))
-        y = _conv_rule(rule, x, weight, ledger.track("bias", f"{name}.bias", bias), module, pixels)
+        y = rule.conv2d(x, weight, ledger.track("bias", f"{name}.bias", bias), geometry, pixels)
         if norm is not None and not fold:
             y = norm(y)
         activation = getattr(module, "activation", None)
@@ -123,28 +87,9 @@ def _conv_forward(name: str, module: nn.Conv2d, rule: Rule, ledger: Ledger, pixe
     return forward
 
 
-def _norm_plain(module: nn.Module, x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-    """LayerNorm / GroupNorm with the ordinary gradient (the std is not a constant), in plain ops."""
-    if isinstance(module, nn.LayerNorm):
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        centred = x - x.mean(dims, keepdim=True)
-        y = centred / (centred.pow(2).mean(dims, keepdim=True) + module.eps).sqrt()
-        return y * module.weight + beta if module.weight is not None else y
-    grouped = x.reshape(x.shape[0], module.num_groups, -1)
-    centred = grouped - grouped.mean(-1, keepdim=True)
-    y = (centred / (centred.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()).reshape(x.shape)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return y * module.weight.view(shape) + beta.view(shape) if module.weight is not None else y
-
-
 def _norm_forward(name: str, module: nn.Module, rule: Rule, ledger: Ledger) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        beta = ledger.track("bias", f"{name}.bias", module.bias)
-        if rule.name == "gradient":  # written out: the fused kernels' backward does not run under vmap
-            return _norm_plain(module, x, beta)
-        if isinstance(module, nn.LayerNorm):
-            return rules.layer_norm_lrp(x, module.normalized_shape, module.weight, beta, module.eps)
-        return rules.group_norm_lrp(x, module.num_groups, module.weight, beta, module.eps)
+        return rule.norm(module, x, ledger.track("bias", f"{name}.bias", module.bias))
 
     return forward
 
@@ -153,26 +98,21 @@ def _elementwise_forward(module: nn.Module, rule: Rule) -> Callable:
     fn = type(module)()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return rules.identity_rule(fn, x) if rule.name == "identity" else fn(x)
+        return rule.elementwise(fn, x)
 
     return forward
 
 
 def _product_forward(module: nn.Module, rule: Rule) -> Callable:
     def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if rule.name == "uniform":
-            return rules.uniform_einsum(module.equation, a, b)
-        return torch.einsum(module.equation, a, b)
+        return rule.product(module.equation, a, b)
 
     return forward
 
 
 def _max_pool_forward(module: nn.MaxPool2d, rule: Rule) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if rule.name == "proportional":
-            return rules.maxpool2d_proportional(x, module.kernel_size, module.stride, module.padding)
-        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                            ceil_mode=module.ceil_mode)
+        return rule.max_pool(module, x)
 
     return forward
 
@@ -226,15 +166,8 @@ def multihead_attention(module: nn.MultiheadAttention, query, key, value, key_pa
 
 
 def _mha_forward(name: str, module: nn.MultiheadAttention, rule: Rule, linear_rule: Rule, ledger: Ledger) -> Callable:
-    """nn.MultiheadAttention with AttnLRP (uniform rule on both products, softmax rule) or the AH-rule."""
-    attnlrp = rule.name == "attnlrp"
-    steps = dict(
-        project=lambda x, w, b: _linear_rule(linear_rule, x, w, b),
-        scores=rules.uniform_matmul if attnlrp else torch.bmm,
-        probabilities=(lambda s: rules.softmax_rule(s, -1)) if attnlrp else
-        (lambda s: rules.softmax_detached(s, -1)) if rule.name == "ah" else (lambda s: torch.softmax(s, -1)),
-        mix=rules.uniform_matmul if attnlrp else torch.bmm,
-    )
+    """nn.MultiheadAttention with the rule's attention steps (AttnLRP, the AH-rule, the plain gradient)."""
+    steps = vars(rule.attention(linear_rule))
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -246,25 +179,22 @@ def _mha_forward(name: str, module: nn.MultiheadAttention, rule: Rule, linear_ru
 
 
 def _deform_forward(name: str, module: nn.Module, rule: Rule) -> Callable:
-    """Multi-scale deformable attention: value path (A, β constant) or value + query path (uniform split)."""
+    """Multi-scale deformable attention under the rule's steps (value path, value + query path, gradient)."""
     from ..model import deform_attn as da
+    steps = rule.deformable()
 
     def forward(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
                 input_padding_mask=None):
-        value = module.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        n, len_in, _ = value.shape
-        value = value.view(n, len_in, module.n_heads, module.d_model // module.n_heads)
-        query_for_weights = query if rule.name == "value+query" else query.detach()
+        value = module.project_values(input_flatten, input_padding_mask)
+        query_for_weights = query if steps.query_relevance else query.detach()
         locations, weights = da.sampling_locations_and_weights(module, query_for_weights, reference_points,
                                                               input_spatial_shapes)
         locations = locations.detach()  # offsets and bilinear weights are positional: no relevance
-        if rule.name == "value":
+        if steps.constant_weights:
             weights = weights.detach()
-        if rule.name == "value+query":  # the product of value and weight gets the uniform rule
+        if steps.product is not None:
             sampled = da.sample_values(value, input_spatial_shapes, input_level_start_index, locations)
-            out = da.weighted_sum(sampled, weights, product=rules.uniform_product)
+            out = da.weighted_sum(sampled, weights, product=steps.product)
         else:  # linear in the value with constant weights: the plain core propagates it
             out = da.ms_deform_attn_core(value, input_spatial_shapes, input_level_start_index, locations, weights)
         return module.output_proj(out)
@@ -333,7 +263,7 @@ def lrp_mode(model: nn.Module, composite: str | Composite = "default",
             elif kind == "max_pool":
                 fwd = _max_pool_forward(module, rule)
             elif kind == "mha":
-                fwd = _mha_forward(name, module, rule, composite.by_kind.get("linear", Rule("epsilon")), state.ledger)
+                fwd = _mha_forward(name, module, rule, composite.by_kind.get("linear") or Rule("epsilon"), state.ledger)
             elif kind == "deform_attn":
                 fwd = _deform_forward(name, module, rule)
             else:  # pragma: no cover - module_kind and this table are written together

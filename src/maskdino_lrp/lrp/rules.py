@@ -24,10 +24,13 @@ negative input** (``x⁺w⁺ + x⁻w⁻``). For post-ReLU inputs (x ≥ 0) this 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Size = int | tuple[int, int]  # a conv / pool geometry argument, as torch.nn.functional takes it
 
@@ -38,6 +41,9 @@ __all__ = [
     "identity_rule", "layer_norm_lrp", "group_norm_lrp", "softmax_rule", "softmax_detached",
     "uniform_product", "uniform_matmul", "uniform_einsum",
     "maxpool2d_wta", "maxpool2d_proportional", "fold_batchnorm",
+    "RuleError", "KINDS", "Rule", "rule_names", "AttentionSteps", "DeformSteps", "PixelInput",
+    "Gradient", "Epsilon", "Gamma", "ZPlus", "Flat", "ZBox", "LayerNormRule", "Identity", "Uniform",
+    "AttnLRP", "AHRule", "DeformValue", "DeformValueQuery", "WinnerTakesAll", "Proportional",
 ]
 
 
@@ -383,3 +389,394 @@ def fold_batchnorm(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, bn
     if conv_bias is not None:
         bias = bias + conv_bias * scale
     return weight, bias
+
+
+
+# ----------------------------------------------------------------------------- rule objects
+# The module kinds a rule can be attached to. The engine finds a module's kind (composites.module_kind);
+# a rule says which kinds it applies to and implements the op of each.
+KINDS = ("linear", "conv", "norm", "mha", "deform_attn", "product", "elementwise", "max_pool")
+
+
+class RuleError(ValueError):
+    """An unknown rule, module kind or composite, or a rule parameter that is misspelt or out of range."""
+
+
+@dataclass
+class PixelInput:
+    """The model input as the first layer's rules see it: value, relevance probe (ones), and value bounds."""
+
+    value: torch.Tensor
+    probe: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttentionSteps:
+    """How an attention's steps compute under a rule: q/k/v projections, scores, probabilities, mixing."""
+
+    project: Callable  # (x, weight, bias) -> x Wᵀ + b
+    scores: Callable  # (q, kᵀ) -> logits
+    probabilities: Callable  # logits -> probabilities over the last axis
+    mix: Callable  # (probabilities, v) -> output
+
+
+@dataclass(frozen=True)
+class DeformSteps:
+    """How a multi-scale deformable attention computes under a rule (sampling locations never carry relevance).
+
+    ``query_relevance``: the attention weights are computed from the live query (else from a detached one);
+    ``constant_weights``: the attention weights are detached; ``product``: the product of sampled values
+    and weights (None: the plain, linear core).
+    """
+
+    query_relevance: bool
+    constant_weights: bool
+    product: Callable | None
+
+
+class _RuleMeta(type):
+    """``Rule("gamma", gamma=0.5)`` builds the registered rule of that name (here: ``Gamma(gamma=0.5)``)."""
+
+    def __call__(cls, *args: Any, **params: Any):
+        if cls is Rule:
+            if len(args) != 1 or not isinstance(args[0], str):
+                raise RuleError(f"Rule(name, **params) takes one rule name; rules: {', '.join(rule_names())}")
+            if args[0] not in Rule.registry:
+                # named but not defined: refused where it is attached, with the kind's choices
+                return _UnknownRule(args[0], params)
+            return rule_class(args[0])(**params)
+        if args:
+            raise RuleError(f"rule {cls.name!r} takes keyword parameters only, e.g. {cls.name.title()}"
+                            f"({', '.join(f'{k}={v!r}' for k, v in cls.defaults.items())})")
+        return super().__call__(**params)
+
+
+class Rule(metaclass=_RuleMeta):
+    """An LRP rule: a name, the module kinds it applies to, and validated parameters.
+
+    A subclass implements the op of each kind it lists in ``kinds`` (``linear``, ``conv2d``, ``norm``,
+    ``elementwise``, ``product``, ``max_pool``, ``attention``, ``deformable``); each returns the plain op's
+    value and puts the rule into the backward pass. ``defaults`` names the parameters and their defaults;
+    any other keyword is an error, as is a parameter outside its range.
+    """
+
+    name: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]
+    defaults: ClassVar[Mapping[str, float]] = {}
+    registry: ClassVar[dict[str, type["Rule"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in Rule.registry:
+            raise RuleError(f"two rules are named {cls.name!r}")
+        unknown = [k for k in cls.kinds if k not in KINDS]
+        if unknown:
+            raise RuleError(f"rule {cls.name!r} names unknown module kind {unknown[0]!r}; kinds: {', '.join(KINDS)}")
+        Rule.registry[cls.name] = cls
+
+    def __init__(self, **params: Any):
+        for key in params:
+            if key not in self.defaults:
+                accepted = ", ".join(self.defaults) or "none"
+                raise RuleError(f"rule {self.name!r} has no parameter {key!r} (its parameters: {accepted})")
+        values = {**self.defaults, **params}
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RuleError(f"rule {self.name!r}: {key} must be a finite number, got {value!r}")
+            if value < 0:
+                raise RuleError(f"rule {self.name!r}: {key} must be >= 0, got {value!r}")
+        self.params: dict[str, float] = values
+
+    def applies_to(self, kind: str) -> bool:
+        """Whether this rule can be attached to modules of ``kind``."""
+        return kind in self.kinds
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.params == self.params
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.params.items()))))
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        return f"Rule({self.name!r}{args})"
+
+    def _missing(self, kind: str):
+        raise RuleError(f"rule {self.name!r} does not apply to {kind!r} modules")
+
+    # the op of each kind; a rule implements those of its ``kinds``
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` under this rule."""
+        self._missing("linear")
+
+    def conv2d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: tuple,
+               pixels: PixelInput | None) -> torch.Tensor:
+        """``F.conv2d`` (geometry = stride, padding, dilation, groups) under this rule."""
+        self._missing("conv")
+
+    def norm(self, module: nn.Module, x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+        """A LayerNorm / GroupNorm module's op with shift ``beta`` under this rule."""
+        self._missing("norm")
+
+    def elementwise(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """An elementwise nonlinearity under this rule."""
+        self._missing("elementwise")
+
+    def product(self, equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A bilinear einsum of two tensors under this rule."""
+        self._missing("product")
+
+    def max_pool(self, module: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+        """A max-pool module's op under this rule."""
+        self._missing("max_pool")
+
+    def attention(self, linear: "Rule") -> AttentionSteps:
+        """The steps of a dot-product attention under this rule; ``linear`` is the projections' rule."""
+        self._missing("mha")
+
+    def deformable(self) -> DeformSteps:
+        """How a multi-scale deformable attention computes under this rule."""
+        self._missing("deform_attn")
+
+
+class _UnknownRule:
+    """A rule name that no rule has: it applies to no module kind (the composite names the choices)."""
+
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self, name: str, params: Mapping[str, Any]):
+        self.name, self.params = name, dict(params)
+
+    def applies_to(self, kind: str) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r}) (no rule of that name; rules: {', '.join(rule_names())})"
+
+
+def rule_class(name: str) -> type[Rule]:
+    """The rule class registered under ``name``."""
+    if name not in Rule.registry:
+        raise RuleError(f"unknown rule {name!r}; rules: {', '.join(rule_names())}")
+    return Rule.registry[name]
+
+
+def rule_names(kind: str | None = None) -> list[str]:
+    """Names of the registered rules (those that apply to ``kind``, if given)."""
+    return [n for n, c in Rule.registry.items() if kind is None or kind in c.kinds]
+
+
+def norm_plain(module: nn.Module, x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """LayerNorm / GroupNorm with the ordinary gradient (the std is not a constant), in plain ops.
+
+    Written out because the fused kernels' backward does not run under vmap (batched backwards).
+    """
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        centred = x - x.mean(dims, keepdim=True)
+        y = centred / (centred.pow(2).mean(dims, keepdim=True) + module.eps).sqrt()
+        return y * module.weight + beta if module.weight is not None else y
+    grouped = x.reshape(x.shape[0], module.num_groups, -1)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    y = (centred / (centred.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return y * module.weight.view(shape) + beta.view(shape) if module.weight is not None else y
+
+
+class Gradient(Rule):
+    """The plain gradient (LRP-0 for ops linear in the input): every op computed as is."""
+
+    name = "gradient"
+    kinds = ("linear", "conv", "norm", "mha", "deform_attn", "product", "elementwise")
+
+    def linear(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def conv2d(self, x, weight, bias, geometry, pixels):
+        return F.conv2d(x, weight, bias, *geometry)
+
+    def norm(self, module, x, beta):
+        return norm_plain(module, x, beta)
+
+    def elementwise(self, fn, x):
+        return fn(x)
+
+    def product(self, equation, a, b):
+        return torch.einsum(equation, a, b)
+
+    def attention(self, linear):
+        return AttentionSteps(linear.linear, torch.bmm, lambda s: torch.softmax(s, -1), torch.bmm)
+
+    def deformable(self):
+        return DeformSteps(query_relevance=False, constant_weights=False, product=None)
+
+
+class Epsilon(Rule):
+    """Epsilon rule (:func:`linear_epsilon`, :func:`conv2d_epsilon`)."""
+
+    name = "epsilon"
+    kinds = ("linear", "conv")
+    defaults = {"epsilon": 1e-6}
+
+    def linear(self, x, weight, bias):
+        return linear_epsilon(x, weight, bias, self.params["epsilon"])
+
+    def conv2d(self, x, weight, bias, geometry, pixels):
+        return conv2d_epsilon(x, weight, bias, *geometry, self.params["epsilon"])
+
+
+class Gamma(Rule):
+    """Gamma rule (:func:`linear_gamma`, :func:`conv2d_gamma`)."""
+
+    name = "gamma"
+    kinds = ("linear", "conv")
+    defaults = {"gamma": 0.25, "epsilon": 1e-9}
+
+    def linear(self, x, weight, bias):
+        return linear_gamma(x, weight, bias, self.params["gamma"], self.params["epsilon"])
+
+    def conv2d(self, x, weight, bias, geometry, pixels):
+        return conv2d_gamma(x, weight, bias, *geometry, self.params["gamma"], self.params["epsilon"])
+
+
+class ZPlus(Rule):
+    """z⁺ rule (:func:`linear_zplus`, :func:`conv2d_zplus`)."""
+
+    name = "zplus"
+    kinds = ("linear", "conv")
+    defaults = {"epsilon": 1e-9}
+
+    def linear(self, x, weight, bias):
+        return linear_zplus(x, weight, bias, self.params["epsilon"])
+
+    def conv2d(self, x, weight, bias, geometry, pixels):
+        return conv2d_zplus(x, weight, bias, *geometry, self.params["epsilon"])
+
+
+def _pixels_for(rule: str, x: torch.Tensor, pixels: PixelInput | None) -> PixelInput:
+    if pixels is None or pixels.value.shape != x.shape:
+        raise RuleError(f"the {rule} rule applies to the layer that sees the pixels only")
+    return pixels
+
+
+class Flat(Rule):
+    """Flat rule for the layer that sees the pixels (:func:`conv2d_flat`)."""
+
+    name = "flat"
+    kinds = ("conv",)
+    defaults = {"epsilon": 1e-9}
+
+    def conv2d(self, x, weight, bias, geometry, pixels):
+        pixels = _pixels_for(self.name, x, pixels)
+        return conv2d_flat(pixels.probe, pixels.value, weight, bias, *geometry, self.params["epsilon"])
+
+
+class ZBox(Rule):
+    """z^B rule for the layer that sees the pixels, bounded by the input range (:func:`conv2d_zbox`)."""
+
+    name = "zbox"
+    kinds = ("conv",)
+    defaults = {"epsilon": 1e-9}
+
+    def conv2d(self, x, weight, bias, geometry, pixels):
+        pixels = _pixels_for(self.name, x, pixels)
+        return conv2d_zbox(pixels.probe, pixels.value, weight, bias, *geometry, pixels.low, pixels.high,
+                           self.params["epsilon"])
+
+
+class LayerNormRule(Rule):
+    """LN-rule: the std is a constant (:func:`layer_norm_lrp`, :func:`group_norm_lrp`)."""
+
+    name = "ln"
+    kinds = ("norm",)
+
+    def norm(self, module, x, beta):
+        if isinstance(module, nn.LayerNorm):
+            return layer_norm_lrp(x, module.normalized_shape, module.weight, beta, module.eps)
+        return group_norm_lrp(x, module.num_groups, module.weight, beta, module.eps)
+
+
+class Identity(Rule):
+    """Identity rule for elementwise nonlinearities (:func:`identity_rule`)."""
+
+    name = "identity"
+    kinds = ("elementwise",)
+    defaults = {"epsilon": 1e-9}
+
+    def elementwise(self, fn, x):
+        return identity_rule(fn, x, self.params["epsilon"])
+
+
+class Uniform(Rule):
+    """Uniform rule for a bilinear product of two variable tensors (:func:`uniform_einsum`)."""
+
+    name = "uniform"
+    kinds = ("product",)
+
+    def product(self, equation, a, b):
+        return uniform_einsum(equation, a, b)
+
+
+class AttnLRP(Rule):
+    """AttnLRP for dot-product attention: uniform rule on Q·Kᵀ and A·V, softmax rule."""
+
+    name = "attnlrp"
+    kinds = ("mha",)
+
+    def attention(self, linear):
+        return AttentionSteps(linear.linear, uniform_matmul, lambda s: softmax_rule(s, -1), uniform_matmul)
+
+
+class AHRule(Rule):
+    """AH-rule (Ali et al. 2022): attention probabilities as constants, relevance only through the values."""
+
+    name = "ah"
+    kinds = ("mha",)
+
+    def attention(self, linear):
+        return AttentionSteps(linear.linear, torch.bmm, lambda s: softmax_detached(s, -1), torch.bmm)
+
+
+class DeformValue(Rule):
+    """Deformable attention, value path: attention and bilinear weights are constants."""
+
+    name = "value"
+    kinds = ("deform_attn",)
+
+    def deformable(self):
+        return DeformSteps(query_relevance=False, constant_weights=True, product=None)
+
+
+class DeformValueQuery(Rule):
+    """Deformable attention, value + query path: the product of values and weights split uniformly."""
+
+    name = "value+query"
+    kinds = ("deform_attn",)
+
+    def deformable(self):
+        return DeformSteps(query_relevance=True, constant_weights=False, product=uniform_product)
+
+
+class WinnerTakesAll(Rule):
+    """Max-pool, winner-take-all (:func:`maxpool2d_wta`: the plain gradient)."""
+
+    name = "wta"
+    kinds = ("max_pool",)
+
+    def max_pool(self, module, x):
+        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                            ceil_mode=module.ceil_mode)
+
+
+class Proportional(Rule):
+    """Max-pool, proportional to the window's inputs (:func:`maxpool2d_proportional`)."""
+
+    name = "proportional"
+    kinds = ("max_pool",)
+    defaults = {"epsilon": 1e-9}
+
+    def max_pool(self, module, x):
+        return maxpool2d_proportional(x, module.kernel_size, module.stride, module.padding,
+                                      epsilon=self.params["epsilon"])
