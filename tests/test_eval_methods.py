@@ -234,20 +234,37 @@ def test_evaluate_writes_tables_curves_and_summary(model, tmp_path):
 
     result = evaluate("tiny", None, n_images=1, seed=0, out_dir=tmp_path, methods=["random", "gradient", "chefer"],
                       steps=2, progress=False, model=model, image_size=64, score_threshold=0.0, iou_threshold=0.0,
-                      require_class=False, max_pairs_per_image=2, randomisation=False, units=["pixels", "tokens"])
+                      require_class=False, max_pairs_per_image=2, randomisation=False, units=["pixels", "tokens"],
+                      replacements=["mean", "zero"])
     assert result["n_pairs"] == 2
-    for name in ("results.md", "results.csv", "pairs.csv", "curves.csv", "deletion.png", "insertion.png",
-                 "token_deletion.png", "token_insertion.png", "summary.md", "settings.json"):
+    for name in ("results.md", "results.csv", "pairs.csv", "curves.csv", "curves_mean.png", "curves_zero.png",
+                 "curves_token_mean.png", "curves_token_zero.png", "summary.md", "settings.json", "paired.csv",
+                 "stability.md", "stability.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
     table = (tmp_path / "results.md").read_text()
     assert "| gradient | 2 |" in table and "deletion gap vs random" in table
+    # every faithfulness table names its replacement
+    assert "Faithfulness — replacement: mean" in table and "Faithfulness — replacement: zero" in table
     gradient = result["table"]["gradient"]
-    assert gradient["mass_accuracy"].n == 2 and np.isfinite(gradient["deletion_auc"].mean)
-    assert gradient["token_deletion_auc"].n == 2 and result["table"]["chefer"]["token_insertion_gap"].n == 2
+    assert gradient["mass_accuracy"].n == 2 and np.isfinite(gradient["deletion_auc@mean"].mean)
+    for key in ("srg@mean", "srg@zero", "lif_auc@zero", "token_srg@mean", "token_deletion_auc@zero"):
+        assert gradient[key].n == 2, key
+    assert result["table"]["chefer"]["token_insertion_gap@mean"].n == 2
+    # SRG is the per-pair difference of the two deletion AUCs
+    for row in result["records"]:
+        assert row["srg@zero"] == pytest.approx(row["lif_auc@zero"] - row["deletion_auc@zero"])
+    # steps=2 over the whole range: LIF shares its images with insertion, so per (pair, unit, replacement)
+    # the forwards are start + neutral + 1 deletion + 1 insertion image per order (3 methods + random)
+    assert result["forwards"] == 2 * 2 * 2 * (2 + 2 * 4)
     assert "token deletion gap vs random" in table and "mean token" in (tmp_path / "summary.md").read_text()
     assert "random weights" in (tmp_path / "summary.md").read_text()
+    csv_header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert csv_header.startswith("method,metric,replacement,")
+    assert "srg,zero," in (tmp_path / "results.csv").read_text()
+    assert "stability" in (tmp_path / "summary.md").read_text()
     assert main(["--config", "tiny", "--methods", "nope", "--out", str(tmp_path), "--quiet"]) == 2
+    assert main(["--config", "tiny", "--replacement", "mean,sepia", "--out", str(tmp_path / "r"), "--quiet"]) == 2
 
 
 def test_captum_methods_are_skipped_cleanly_without_captum(monkeypatch, model, tmp_path):
@@ -283,7 +300,7 @@ def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path
 
     kwargs = dict(methods=["random", "gradient"], steps=2, progress=False, model=model, image_size=64,
                   score_threshold=0.0, iou_threshold=0.0, require_class=False, max_pairs_per_image=1,
-                  randomisation=False, max_fraction=0.5)
+                  randomisation=False, max_fraction=0.5, replacements=["blur"])
     whole = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "whole", **kwargs)
     first = run.evaluate("tiny", None, n_images=3, seed=0, out_dir=tmp_path / "sharded", shard=(0, 2), **kwargs)
     assert first["n_images_done"] == 2

@@ -2,7 +2,7 @@
 
     >>> method = get_method("gradient")
     >>> heatmap = method.attribute(model, prepared, query=3, label=1)        # (h, w)
-    >>> result = method.attribute_batch(model, prepared, [3, 5], [1, 0])     # Attribution, maps (2, h, w)
+    >>> result = method.attribute_batch(model, prepared, [3, 5], [1, 0])     # AttributionMaps, maps (2, h, w)
 
 Every method explains the same scalar, the class logit ``outputs["pred_logits"][0, query, label]``
 (LRP's ``target="class"``), and returns a pixel map at the model input size (resized, padding
@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "Attribution", "Method", "MethodError", "register_method", "get_method", "method_names",
+    "AttributionMaps", "Method", "MethodError", "register_method", "get_method", "method_names",
     "available_methods", "captum_available", "class_logit", "connected_query_content", "tokens_to_pixels",
     "AttentionRecorder", "splat_deformable_attention",
     "LRPMethod", "Gradient", "GradientTimesInput", "IntegratedGradients", "SmoothGrad", "AttentionRollout",
-    "CheferAttention", "RandomMap", "LRP_METHODS", "DEFAULT_METHODS",
+    "CheferAttention", "DRise", "RandomMap", "LRP_METHODS", "DEFAULT_METHODS",
 ]
 
 
@@ -57,8 +57,11 @@ class MethodError(ValueError):
 
 
 @dataclass
-class Attribution:
-    """Pixel maps of K explained (query, label) pairs of one image and what producing them cost."""
+class AttributionMaps:
+    """Pixel maps of K explained (query, label) pairs of one image and what producing them cost.
+
+    (Named apart from captum's ``Attribution``, which is a method class there.)
+    """
 
     maps: torch.Tensor  # (K, h, w) at the model input size, float32 on CPU
     seconds: float  # wall time for all K maps together
@@ -147,7 +150,7 @@ class Method(abc.ABC):
         return self.attribute_batch(model, prepared, [query], [label]).maps[0]
 
     def attribute_batch(self, model: nn.Module, prepared: Any, queries: Sequence[int],
-                        labels: Sequence[int]) -> Attribution:
+                        labels: Sequence[int]) -> AttributionMaps:
         """Maps (K, h, w) for K (query, label) pairs of one prepared image, with the wall time."""
         queries = [int(q) for q in queries]
         labels = [int(l) for l in labels]
@@ -161,7 +164,7 @@ class Method(abc.ABC):
         if tuple(maps.shape) != expected:  # pragma: no cover - a method bug, not a user error
             raise RuntimeError(f"method {self.name!r} returned maps of shape {tuple(maps.shape)}, expected {expected}")
         token_maps = tokens[0].detach().float().cpu() if tokens and tokens[0] is not None else None
-        return Attribution(maps, seconds, extras or [{} for _ in queries], token_maps)
+        return AttributionMaps(maps, seconds, extras or [{} for _ in queries], token_maps)
 
     @abc.abstractmethod
     def _maps(self, model: nn.Module, prepared: Any, queries: list[int], labels: list[int]) -> tuple:
@@ -664,7 +667,12 @@ class RandomMap(Method):
 
 register_method("random", RandomMap)
 
+# D-RISE lives in its own module (it needs nothing of the model's inside); imported last, as it builds on Method
+from .drise import DRise  # noqa: E402
+
+register_method("d-rise", DRise)
+
 DEFAULT_METHODS: tuple[str, ...] = (
     *LRP_METHODS, "gradient", "gradient-x-input", "integrated-gradients", "smoothgrad", "attention-rollout",
-    "chefer", "random",
+    "chefer", "d-rise", "random",
 )

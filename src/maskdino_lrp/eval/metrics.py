@@ -15,12 +15,21 @@ where the doc leaves room, stated once here:
   shapes data writes them; a pixel belongs to a box when its centre does.
 * **Deletion / insertion** (Petsiuk et al. 2018): pixels are taken in order of decreasing relevance
   (signed: most positive first), ``steps`` equal steps from 0 % to 100 % of the pixels; removed
-  pixels get the value of a neutral image — :func:`mean_replacement` (per-image, per-channel mean
-  colour, the default) or :func:`blur_replacement` (Gaussian blur). The curve is a model score per
-  step; the area under it is the trapezoid over the removed fraction in [0, 1].
+  pixels get the value of a neutral image (:data:`REPLACEMENTS`): ``mean`` (per-image, per-channel
+  mean colour), ``blur`` (Gaussian blur), ``noise`` (uniform noise over each channel's own range,
+  seeded) or ``zero`` (black). The curve is a model score per step; the area under it is the
+  trapezoid over the removed fraction, divided by the fraction range.
+* **Both orders** (Blücher, Vielhaben & Strodthoff, TMLR 2024): MIF removes the most relevant first
+  (the deletion curve), LIF the least relevant first (the deletion curve of the reversed order).
+  The symmetric relevance gain SRG = AUC(LIF) − AUC(MIF) (:func:`symmetric_relevance_gain`) is less
+  sensitive to the replacement than either curve alone, since the replacement's own effect on the
+  score appears in both. Over the whole range LIF-deletion at fraction f is MIF-insertion at 1 − f,
+  the same images, so the evaluation computes each distinct perturbed image once.
 * **Encoder tokens** (the ``tokens`` unit): the deformable encoder's input tokens are removed
-  instead of pixels; a removed token is replaced by the mean token of its level (of the same image),
-  before the position encoding is added, and the model runs on from there (:class:`TokenScore`; the
+  instead of pixels; a removed token is replaced by its level's neutral token grid — the same
+  replacements, applied to each level's (C, h, w) token grid: ``mean`` = the level's mean token,
+  ``blur`` with σ / stride tokens (the same extent in pixels), ``noise`` over each channel's range,
+  ``zero`` — before the position encoding is added, and the model runs on from there (:class:`TokenScore`; the
   FPN's stride-4 lateral path reads the backbone directly and is not perturbed). Every step removes
   the same fraction of every level, each level's tokens in order of relevance
   (:func:`level_balanced_order`), so levels whose tokens cover more pixels are not favoured.
@@ -42,15 +51,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..box_ops import box_cxcywh_to_xyxy, elementwise_box_iou
 from ..model.pixel_decoder import encoder_call_inputs
 
 __all__ = [
     "Estimate", "mean_ci", "bootstrap_ci", "paired_difference",
     "box_mask", "relevance_mass_accuracy", "relevance_rank_accuracy", "pointing_game",
     "energy_pointing_game", "leak_to_other_objects", "conservation_error", "rank_correlation",
-    "mean_replacement", "blur_replacement", "relevance_order", "perturbation_fractions", "perturbed_images",
+    "mean_replacement", "blur_replacement", "noise_replacement", "zero_replacement", "REPLACEMENTS",
+    "make_replacement", "token_neutral", "symmetric_relevance_gain", "relevance_order", "perturbation_fractions", "perturbed_images",
     "perturbation_curve", "area_under_curve", "aopc", "box_iou_cxcywh", "DetectorScore", "PeakMemory",
-    "TokenScore", "pool_to_tokens", "level_balanced_order",
+    "TokenScore", "TokenFeatures", "pool_to_tokens", "level_balanced_order",
 ]
 
 
@@ -240,6 +251,8 @@ def mean_replacement(image: torch.Tensor) -> torch.Tensor:
 
 def blur_replacement(image: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
     """Neutral image: Gaussian blur (σ in px, kernel ±3σ, reflect padding) of (C, H, W) or (1, C, H, W)."""
+    if sigma <= 0:
+        raise ValueError(f"blur sigma must be > 0, got {sigma}")
     squeeze = image.dim() == 3
     x = image[None] if squeeze else image
     radius = max(1, int(math.ceil(3 * sigma)))
@@ -255,10 +268,57 @@ def blur_replacement(image: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
     return x[0] if squeeze else x
 
 
-REPLACEMENTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "mean": mean_replacement,
-    "blur": blur_replacement,
+def noise_replacement(image: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Neutral image: uniform noise over each channel's own [min, max] of (C, H, W) or (1, C, H, W), seeded
+    (the pixel analogue of ODAM's noise; for pixel values 0–255 of a natural image about U(0, 255))."""
+    g = torch.Generator().manual_seed(int(seed))
+    low = image.amin(dim=(-2, -1), keepdim=True)
+    high = image.amax(dim=(-2, -1), keepdim=True)
+    u = torch.rand(image.shape, generator=g, dtype=torch.float64).to(image)
+    return low + u * (high - low)
+
+
+def zero_replacement(image: torch.Tensor) -> torch.Tensor:
+    """Neutral image of zeros: black in pixel values (0–255), the zero token for encoder tokens."""
+    return torch.zeros_like(image)
+
+
+REPLACEMENTS: dict[str, str] = {
+    "mean": "per-image, per-channel mean colour",
+    "blur": "Gaussian blur",
+    "noise": "uniform noise over each channel's range, seeded",
+    "zero": "black pixels, zero tokens",
 }
+
+
+def make_replacement(name: str, blur_sigma: float = 5.0, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The neutral-image function of a replacement name (see :data:`REPLACEMENTS`)."""
+    if name == "mean":
+        return mean_replacement
+    if name == "blur":
+        return lambda image: blur_replacement(image, blur_sigma)
+    if name == "noise":
+        return lambda image: noise_replacement(image, seed)
+    if name == "zero":
+        return zero_replacement
+    raise ValueError(f"replacement must be one of {list(REPLACEMENTS)}, got {name!r}")
+
+
+def token_neutral(tokens: torch.Tensor, shapes: Sequence[tuple[int, int]], padded_size: tuple[int, int],
+                  name: str, blur_sigma: float = 5.0, seed: int = 0) -> torch.Tensor:
+    """Neutral encoder tokens (T, C): the replacement applied to each level's (C, h, w) token grid; blur's σ
+    is divided by the level's stride so that it covers the same extent in pixels as on the image."""
+    out = []
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        grid = tokens[start:start + h * w].t().reshape(-1, h, w)  # (C, h, w)
+        stride = padded_size[0] / h
+        replace = make_replacement(name, blur_sigma / stride, seed + level)
+        out.append(replace(grid).reshape(grid.shape[0], h * w).t())
+        start += h * w
+    if start != tokens.shape[0]:
+        raise ValueError(f"level shapes {list(shapes)} cover {start} tokens, the tokens are {tokens.shape[0]}")
+    return torch.cat(out)
 
 
 def relevance_order(relevance: Any, seed: int = 0) -> np.ndarray:
@@ -341,19 +401,15 @@ def aopc(scores: Any, k: int | None = None) -> float:
     return float(np.mean(s[0] - s[: k + 1]))
 
 
+def symmetric_relevance_gain(lif_auc: float, mif_auc: float) -> float:
+    """SRG = AUC(LIF) − AUC(MIF) (Blücher et al. 2024): higher is better; 0 for an order unrelated to the score."""
+    return float(lif_auc) - float(mif_auc)
+
+
 # ----------------------------------------------------------------------------- the detector's score
 def box_iou_cxcywh(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """IoU of (..., 4) cx cy w h boxes with one cx cy w h box → (...)."""
-    def xyxy(b):
-        return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
-
-    a, b = xyxy(boxes), xyxy(box)
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area_a + area_b - inter).clamp(min=1e-12)
+    return elementwise_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(box))
 
 
 class DetectorScore:
@@ -389,18 +445,13 @@ class DetectorScore:
         return torch.stack([probs[rows, matched], probs[:, self.query]], 1).cpu()
 
 
-class TokenScore(DetectorScore):
-    """:class:`DetectorScore` with the deformable encoder's input tokens perturbed instead of pixels.
+class TokenFeatures:
+    """What every token-level perturbation of one image shares: the backbone features and the encoder's
+    input tokens (T, C) of the normalised, padded input ``tensor`` (1, 3, Hp, Wp), computed once."""
 
-    Called on keep masks (B, 1, 1, T) over the encoder tokens (encoder order, 1 = keep, 0 = replace
-    by the mean token of its level); the backbone runs once, at construction, on ``tensor`` (the
-    normalised, padded input (1, 3, Hp, Wp)). ``shapes`` and ``padded_size`` describe the token grid.
-    """
-
-    def __init__(self, model: torch.nn.Module, tensor: torch.Tensor, query: int, label: int, box: torch.Tensor):
-        super().__init__(model, query, label, box)
+    def __init__(self, model: torch.nn.Module, tensor: torch.Tensor):
         self.encoder = model.sem_seg_head.pixel_decoder.transformer.encoder
-        self.padded_size = tuple(tensor.shape[-2:])
+        self.padded_size: tuple[int, int] = tuple(tensor.shape[-2:])
         captured: dict[str, Any] = {}
 
         def grab(_module, args, kwargs):
@@ -414,12 +465,36 @@ class TokenScore(DetectorScore):
                 model.sem_seg_head(self.features)
             finally:
                 handle.remove()
-        tokens = captured["src"][0]  # (T, C)
+        self.tokens: torch.Tensor = captured["src"][0]  # (T, C)
         self.shapes: list[tuple[int, int]] = captured["shapes"]
-        sizes = [h * w for h, w in self.shapes]
-        self.num_tokens = sum(sizes)
-        self.neutral = torch.cat([level.mean(0, keepdim=True).expand_as(level)
-                                  for level in torch.split(tokens, sizes, dim=0)])
+        self.num_tokens = sum(h * w for h, w in self.shapes)
+
+    def neutral(self, replacement: str = "mean", blur_sigma: float = 5.0, seed: int = 0) -> torch.Tensor:
+        """Neutral tokens (T, C) of a replacement (:func:`token_neutral`)."""
+        return token_neutral(self.tokens, self.shapes, self.padded_size, replacement, blur_sigma, seed)
+
+
+class TokenScore(DetectorScore):
+    """:class:`DetectorScore` with the deformable encoder's input tokens perturbed instead of pixels.
+
+    Called on keep masks (B, 1, 1, T) over the encoder tokens (encoder order, 1 = keep, 0 = replace
+    by ``neutral`` (T, C), by default the mean token of its level). ``source`` is the image's
+    :class:`TokenFeatures` (shared by its pairs: the backbone runs once per image) or the normalised,
+    padded input (1, 3, Hp, Wp) itself.
+    """
+
+    def __init__(self, model: torch.nn.Module, source: "TokenFeatures | torch.Tensor", query: int, label: int,
+                 box: torch.Tensor, neutral: torch.Tensor | None = None):
+        super().__init__(model, query, label, box)
+        shared = source if isinstance(source, TokenFeatures) else TokenFeatures(model, source)
+        self.encoder = shared.encoder
+        self.padded_size = shared.padded_size
+        self.features = shared.features
+        self.shapes = shared.shapes
+        self.num_tokens = shared.num_tokens
+        self.neutral = shared.neutral("mean") if neutral is None else neutral
+        if tuple(self.neutral.shape) != tuple(shared.tokens.shape):
+            raise ValueError(f"neutral tokens of shape {tuple(self.neutral.shape)}, expected {tuple(shared.tokens.shape)}")
 
     def _outputs(self, keep: torch.Tensor) -> dict[str, Any]:
         b = keep.shape[0]

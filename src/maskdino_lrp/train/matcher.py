@@ -19,48 +19,15 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+# the box operations live in one module; imported here by name because losses and tests import them from the matcher
+from ..box_ops import box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou  # noqa: F401
+
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 
 # ----------------------------------------------------------------------------------------------
 # Boxes
 # ----------------------------------------------------------------------------------------------
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise IoU (N, M) and union (N, M) of xyxy boxes ``a`` (N, 4) and ``b`` (M, 4)."""
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    return inter / (union + eps), union
-
-
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Pairwise generalised IoU (N, M) of xyxy boxes: IoU - (hull - union) / hull."""
-    if (a[:, 2:] < a[:, :2]).any() or (b[:, 2:] < b[:, :2]).any():
-        raise ValueError("generalized_box_iou needs boxes with x1 >= x0 and y1 >= y0")
-    iou, union = box_iou(a, b, eps)
-    hull_tl = torch.minimum(a[:, None, :2], b[None, :, :2])
-    hull_br = torch.maximum(a[:, None, 2:], b[None, :, 2:])
-    wh = (hull_br - hull_tl).clamp(min=0)
-    hull = wh[..., 0] * wh[..., 1]
-    return iou - (hull - union) / (hull + eps)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
