@@ -10,7 +10,7 @@ from maskdino_lrp.eval import methods as Me
 from maskdino_lrp.eval import metrics as M
 
 QUERIES, LABELS = [0, 3], [1, 2]
-FAST_OPTIONS = {"integrated-gradients": {"n_steps": 4}, "smoothgrad": {"nt_samples": 3}}
+FAST_OPTIONS = {"integrated-gradients": {"n_steps": 4}, "smoothgrad": {"nt_samples": 3}, "d-rise": {"n_masks": 24}}
 
 
 def _perturb_biases(model, scale=0.05):

@@ -214,6 +214,121 @@ def test_replacements():
     assert blurred.shape == image.shape and blurred.std() < image.std()
 
 
+def test_noise_and_zero_replacements_and_names():
+    image = torch.rand(3, 40, 30) * torch.tensor([10.0, 100.0, 255.0]).view(3, 1, 1)
+    noise = M.noise_replacement(image, seed=4)
+    low, high = image.amin((1, 2)), image.amax((1, 2))
+    assert ((noise >= low.view(3, 1, 1)) & (noise <= high.view(3, 1, 1))).all()
+    # uniform over [min, max]: the mean is the mid-range (1200 pixels per channel: SE ≈ 0.8 % of the range)
+    torch.testing.assert_close(noise.mean((1, 2)), (low + high) / 2, rtol=0.05, atol=0.0)
+    torch.testing.assert_close(noise, M.noise_replacement(image, seed=4))  # seeded
+    assert not torch.equal(noise, M.noise_replacement(image, seed=5))
+    assert torch.equal(M.zero_replacement(image), torch.zeros_like(image))
+    assert set(M.REPLACEMENTS) >= {"mean", "blur", "noise", "zero"}
+    for name in M.REPLACEMENTS:
+        assert M.make_replacement(name, 2.0, seed=1)(image).shape == image.shape
+    with pytest.raises(ValueError, match="replacement must be one of"):
+        M.make_replacement("sepia")
+    with pytest.raises(ValueError, match="sigma"):
+        M.blur_replacement(image, 0.0)
+
+
+def test_constant_image_is_its_own_neutral_except_for_zero():
+    """On a constant image mean, blur and noise replace every pixel by itself: no curve can move."""
+    flat = torch.full((3, 8, 8), 42.0)
+    for name in ("mean", "blur", "noise"):
+        torch.testing.assert_close(M.make_replacement(name, 2.0)(flat), flat)
+    assert M.make_replacement("zero")(flat).abs().sum() == 0
+
+
+def test_token_neutral_applies_the_replacement_per_level():
+    shapes = [(4, 4), (2, 2)]  # strides 8 and 16 of a 32 × 32 padded input
+    tokens = torch.randn(20, 5)
+    mean = M.token_neutral(tokens, shapes, (32, 32), "mean")
+    torch.testing.assert_close(mean[:16], tokens[:16].mean(0, keepdim=True).expand(16, 5))
+    torch.testing.assert_close(mean[16:], tokens[16:].mean(0, keepdim=True).expand(4, 5))
+    assert torch.equal(M.token_neutral(tokens, shapes, (32, 32), "zero"), torch.zeros_like(tokens))
+    # blur's σ is in pixels: σ = 16 px is 2 tokens at stride 8 and 1 token at stride 16
+    blurred = M.token_neutral(tokens, shapes, (32, 32), "blur", blur_sigma=16.0)
+    grid0 = tokens[:16].t().reshape(5, 4, 4)
+    torch.testing.assert_close(blurred[:16], M.blur_replacement(grid0, 2.0).reshape(5, 16).t())
+    grid1 = tokens[16:].t().reshape(5, 2, 2)
+    torch.testing.assert_close(blurred[16:], M.blur_replacement(grid1, 1.0).reshape(5, 4).t())
+    with pytest.raises(ValueError, match="cover 20 tokens"):
+        M.token_neutral(torch.randn(21, 5), shapes, (32, 32), "mean")
+
+
+def _probe(score, image, neutral):
+    from maskdino_lrp.eval.curves import CurveProbe
+
+    return CurveProbe("pixels", "zero", score, image, neutral)
+
+
+def test_srg_of_a_linear_model_by_hand():
+    """Score = Σ w·x with x = 1, neutral 0: MIF removes 4, 3, 2, 1 → 10, 6, 3, 1, 0; LIF removes 1, 2, 3, 4
+    → 10, 9, 7, 4, 0. AUC(MIF) = 0.25·(5 + 6 + 3 + 1) = 3.75, AUC(LIF) = 0.25·(5 + 9 + 7 + 4) = 6.25, SRG = 2.5."""
+    from maskdino_lrp.eval.curves import curve_counts
+
+    w = np.array([[4.0, 3.0], [2.0, 1.0]])
+    image = torch.ones(1, 2, 2, dtype=torch.float64)
+    probe = _probe(_linear_model(w), image, torch.zeros_like(image))
+    counts = curve_counts(4, 4, 1.0)
+    curves = probe.curves({"right": M.relevance_order(w), "reversed": M.relevance_order(-w)}, counts, batch_size=3)
+    np.testing.assert_allclose(curves["right"]["deletion"][:, 0], [10, 6, 3, 1, 0])
+    np.testing.assert_allclose(curves["right"]["lif"][:, 0], [10, 9, 7, 4, 0])
+    np.testing.assert_allclose(curves["right"]["insertion"][:, 0], [0, 4, 7, 9, 10])
+    x = M.perturbation_fractions(4)
+    row = probe.metrics(curves["right"], x, 2, {"deletion": 5.0, "insertion": 5.0})
+    assert row["deletion_auc"] == pytest.approx(3.75) and row["lif_auc"] == pytest.approx(6.25)
+    assert row["srg"] == pytest.approx(2.5) == M.symmetric_relevance_gain(6.25, 3.75)
+    assert row["deletion_gap"] == pytest.approx(1.25) and row["insertion_gap"] == pytest.approx(6.25 - 5.0)
+    # the reversed order swaps MIF and LIF: SRG flips sign
+    assert probe.metrics(curves["reversed"], x, 2, None)["srg"] == pytest.approx(-2.5)
+    # LIF's images are insertion's (full range), start and neutral are shared: 2 + 2 orders × 2 kinds × 3 counts
+    assert probe.forwards == 2 + 2 * 2 * 3
+
+
+def test_curve_probe_agrees_with_the_one_curve_reference():
+    """Batched, deduplicated curves = perturbation_curve per order and mode (LIF = deletion of the reversed
+    order), also over part of the range, where LIF needs its own images."""
+    from maskdino_lrp.eval.curves import curve_counts
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(6, 5))
+    image = torch.as_tensor(rng.random((1, 6, 5)))
+    for name in ("mean", "noise", "zero"):
+        neutral = M.make_replacement(name, seed=1)(image)
+        orders = {f"o{i}": M.relevance_order(rng.random((6, 5))) for i in range(3)}
+        for steps, fraction in ((10, 1.0), (4, 0.4)):
+            probe = _probe(_linear_model(w), image, neutral)
+            curves = probe.curves(orders, curve_counts(30, steps, fraction), batch_size=7)
+            for key, order in orders.items():
+                for mode, o, m in (("deletion", order, "deletion"), ("insertion", order, "insertion"),
+                                   ("lif", order[::-1], "deletion")):
+                    expected = M.perturbation_curve(_linear_model(w), image, neutral, None, steps, m, order=o,
+                                                    max_fraction=fraction)
+                    np.testing.assert_allclose(curves[key][mode][:, 0], expected, err_msg=f"{name} {mode} {fraction}")
+
+
+def test_srg_is_zero_on_a_constant_image_for_every_order_and_replacement():
+    from maskdino_lrp.eval.curves import curve_counts
+
+    w = np.random.default_rng(3).normal(size=(5, 5))
+    flat = torch.full((1, 5, 5), 3.0, dtype=torch.float64)
+    for name in ("mean", "blur", "noise"):
+        probe = _probe(_linear_model(w), flat, M.make_replacement(name, 1.0, seed=2)(flat))
+        curves = probe.curves({"w": M.relevance_order(w), "-w": M.relevance_order(-w)}, curve_counts(25, 5, 1.0))
+        for by_mode in curves.values():
+            row = probe.metrics(by_mode, M.perturbation_fractions(5), 2, None)
+            assert row["srg"] == pytest.approx(0.0, abs=1e-12), name
+
+
+def test_curve_probe_rejects_an_order_of_the_wrong_size():
+    image = torch.ones(1, 2, 2)
+    with pytest.raises(ValueError, match="has 3 elements"):
+        _probe(_linear_model(np.ones((2, 2))), image, image).curves({"x": np.arange(3)}, np.array([0, 1]))
+
+
 def test_box_iou_cxcywh():
     a = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.6, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]])
     iou = M.box_iou_cxcywh(a, torch.tensor([0.5, 0.5, 0.2, 0.2]))

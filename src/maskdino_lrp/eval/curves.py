@@ -74,11 +74,12 @@ class CurveProbe:
 
     def curves(self, orders: Mapping[str, np.ndarray], counts: np.ndarray, modes: Sequence[str] = MODES,
                batch_size: int = 16) -> dict[str, dict[str, np.ndarray]]:
-        """order name → mode → scores (len(counts), S): each order's curves, the inputs scored once each."""
+        """order name → mode → scores (len(counts), S): each order's curves, the inputs scored once each
+        (a scorer returning (B,) gives S = 1)."""
         n = self.size
         ranks = {}
         for name, order in orders.items():
-            order = np.asarray(order)
+            order = np.ascontiguousarray(order)  # reversed views have negative strides torch cannot take
             if order.size != n:
                 raise ValueError(f"order {name!r} has {order.size} elements, the {self.unit} are {n}")
             rank = torch.empty(n, dtype=torch.long)
@@ -92,6 +93,7 @@ class CurveProbe:
             batch = torch.stack([self._compose(key, ranks) for key in chunk])
             with torch.no_grad():
                 out = np.asarray(self.scorer(batch), dtype=np.float64)
+            out = out.reshape(len(chunk), -1)  # (B,) scores as one column
             scores.update(zip(chunk, out))
         self.forwards += len(unique)
         result: dict[str, dict[str, np.ndarray]] = {name: {} for name in orders}

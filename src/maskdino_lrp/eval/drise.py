@@ -45,6 +45,7 @@ def random_masks(n: int, size: tuple[int, int], grid: int = 8, p: float = 0.5,
     cell_h, cell_w = math.ceil(h / grid), math.ceil(w / grid)
     cells = (torch.rand(n, 1, grid, grid, generator=generator) < p).float()
     up = F.interpolate(cells, size=((grid + 1) * cell_h, (grid + 1) * cell_w), mode="bilinear", align_corners=False)
+    up = up.clamp_(0.0, 1.0)  # interpolation rounding may step a hair outside
     dy = torch.randint(0, cell_h, (n,), generator=generator)
     dx = torch.randint(0, cell_w, (n,), generator=generator)
     return torch.stack([up[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))])

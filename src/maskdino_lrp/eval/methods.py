@@ -48,7 +48,7 @@ __all__ = [
     "available_methods", "captum_available", "class_logit", "connected_query_content", "tokens_to_pixels",
     "AttentionRecorder", "splat_deformable_attention",
     "LRPMethod", "Gradient", "GradientTimesInput", "IntegratedGradients", "SmoothGrad", "AttentionRollout",
-    "CheferAttention", "DRise", "RandomMap", "LRP_METHODS", "DEFAULT_METHODS",
+    "CheferAttention", "RandomMap", "LRP_METHODS", "DEFAULT_METHODS",
 ]
 
 
@@ -667,10 +667,14 @@ class RandomMap(Method):
 
 register_method("random", RandomMap)
 
-# D-RISE lives in its own module (it needs nothing of the model's inside); imported last, as it builds on Method
-from .drise import DRise  # noqa: E402
+def _drise(**options: Any) -> Method:
+    """D-RISE (black-box, :mod:`.drise`); imported when asked for, since that module builds on :class:`Method`."""
+    from .drise import DRise
 
-register_method("d-rise", DRise)
+    return DRise(**options)
+
+
+register_method("d-rise", _drise)
 
 DEFAULT_METHODS: tuple[str, ...] = (
     *LRP_METHODS, "gradient", "gradient-x-input", "integrated-gradients", "smoothgrad", "attention-rollout",

@@ -345,7 +345,7 @@ def perturbed_images(image: torch.Tensor, neutral: torch.Tensor, order: np.ndarr
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     c, h, w = image.shape[-3:]
     rank = torch.empty(h * w, dtype=torch.long)
-    rank[torch.as_tensor(order, dtype=torch.long)] = torch.arange(h * w)
+    rank[torch.as_tensor(np.ascontiguousarray(order), dtype=torch.long)] = torch.arange(h * w)  # reversed views too
     chosen = rank[None] < torch.as_tensor(list(counts), dtype=torch.long)[:, None]  # (B, HW)
     chosen = chosen.view(-1, 1, h, w).to(image.device)
     first, second = (neutral, image) if mode == "deletion" else (image, neutral)
