@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -111,6 +111,11 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
 
+    unknown_options = sorted(set(options) - {f.name for f in fields(EvalSettings)})
+    if unknown_options:
+        hint = " (one replacement is now replacements=[name])" if "replacement" in unknown_options else ""
+        raise ValueError(f"unknown setting(s) {unknown_options}{hint}; settings: "
+                         f"{', '.join(f.name for f in fields(EvalSettings))}")
     requested = list(methods) if methods is not None else list(DEFAULT_METHODS)
     runnable = available_methods()
     skipped = {m: "captum not installed (pip install --no-deps captum)" for m in requested
