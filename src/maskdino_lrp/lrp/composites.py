@@ -5,17 +5,24 @@ A composite never looks at MaskDINO specifically; it classifies modules by what 
 ``attention_weights``, ``value_proj`` and ``output_proj`` is a multi-scale deformable attention, …)
 and maps each kind to a :class:`Rule`. Name patterns (``fnmatch`` on the qualified module name) take
 precedence, so a user can say "gamma everywhere in ``backbone.res*``" or "epsilon for ``backbone.stem.conv1``".
+A pattern ``@group`` names a group of modules the model's adapter declares (``Adapter.groups``, e.g.
+``@backbone``: the CNN body, wherever the family keeps it); the presets use only groups.
 """
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 from torch import nn
 
 from .rules import KINDS, Rule, RuleError, rule_names
 
-__all__ = ["Composite", "Rule", "RuleError", "check_rule", "composite_names", "get_composite", "module_kind"]
+__all__ = ["Composite", "DEFAULT_GROUPS", "Rule", "RuleError", "check_rule", "composite_names", "get_composite",
+           "module_kind"]
+
+# module groups when no adapter declares them: the CNN body is the module named ``backbone``
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"backbone": ("backbone.*",)}
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -60,17 +67,19 @@ class Composite:
             check_rule("conv", self.first_layer)
 
     def rule_for(self, qualified_name: str, module: nn.Module, is_first_layer: bool = False,
-                 kind: str | None = None) -> Rule | None:
+                 kind: str | None = None, groups: Mapping[str, Sequence[str]] | None = None) -> Rule | None:
         """The rule for one module (of ``kind``, by default found by :func:`module_kind`), or None when
-        the plain gradient already is its LRP rule."""
+        the plain gradient already is its LRP rule. ``groups`` resolves ``@group`` patterns."""
         kind = kind or module_kind(module)
         if kind is None:
             return None
         if is_first_layer and self.first_layer is not None and kind == "conv":
             return self.first_layer
+        groups = DEFAULT_GROUPS if groups is None else groups
         for pattern, rule in self.by_name:
             # a pattern rule applies to the modules it can apply to (gamma: convs, not the max-pool)
-            if fnmatch.fnmatchcase(qualified_name, pattern) and rule.applies_to(kind):
+            patterns = groups.get(pattern[1:], ()) if pattern.startswith("@") else (pattern,)
+            if rule.applies_to(kind) and any(fnmatch.fnmatchcase(qualified_name, p) for p in patterns):
                 return rule
         return self.by_kind.get(kind)
 
@@ -123,7 +132,7 @@ def _default() -> Composite:
             "max_pool": Rule("wta"),
         },
         # the CNN body: gamma (zennit's EpsilonGammaBox); the pixels: z^B bounded by the input range
-        by_name=[("backbone.*", Rule("gamma", gamma=0.25))],
+        by_name=[("@backbone", Rule("gamma", gamma=0.25))],
         first_layer=Rule("zbox"),
     )
 
@@ -146,7 +155,7 @@ def _presets() -> dict[str, Composite]:
         "ah": default.with_rules("ah", mha=Rule("ah")),
         "deform-query": default.with_rules("deform-query", deform_attn=Rule("value+query")),
         "epsilon": replace(default.with_rules("epsilon"), by_name=[], first_layer=None),
-        "zplus": replace(default.with_rules("zplus"), by_name=[("backbone.*", Rule("zplus"))]),
+        "zplus": replace(default.with_rules("zplus"), by_name=[("@backbone", Rule("zplus"))]),
         "conservative": conservative,
         "gradient": gradient,
     }

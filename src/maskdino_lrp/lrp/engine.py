@@ -1,15 +1,20 @@
 """The LRP engine: rules attached to modules for one forward, relevance by one batched backward.
 
 Relevance is gradient × input under modified backward rules. Inside :func:`lrp_mode` each module that
-needs a rule gets an instance-level ``forward`` that computes the same values through the rule's
-autograd function; on exit (also after an exception) the instance attributes are removed, so the
-model is bit-identical to before. Relevance then follows the real computation graph.
+needs a rule gets an instance-level ``forward`` that computes the same values through the rule's op;
+on exit (also after an exception) the instance attributes are removed and the canonizers restore what
+they changed, so the model is bit-identical to before. Relevance then follows the real computation graph.
+
+Which modules are of which kind comes from :func:`~.composites.module_kind` (torch types and structure)
+and the model's adapter (``maskdino_lrp.adapters``), which also computes the model's own attention
+modules under a rule's steps, names the layer that sees the pixels, the batch norms to fold, and what must
+stay connected. The engine itself names no model.
 
 Where relevance leaves the image path it is recorded in a :class:`Ledger`: biases (and LayerNorm β,
 folded batch-norm shifts), learned embeddings (level embeddings, query embeddings), and positional
-inputs (sine encodings, reference-point embeddings). ``target = Σ R(pixels) + ledger + residual``,
-where the residual is what non-conservative rules (epsilon, the AttnLRP softmax) and constants the
-engine does not see (e.g. reference boxes added before the box sigmoid) take.
+inputs (sine encodings, reference-point embeddings, booked by the adapter's hooks).
+``target = Σ R(pixels) + ledger + residual``, where the residual is what non-conservative rules
+(epsilon, the AttnLRP softmax) and constants the engine does not see take.
 """
 from __future__ import annotations
 
@@ -17,15 +22,18 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rules
-from .composites import Composite, RuleError, get_composite, module_kind
+from .canonizers import BatchNormFold
+from .composites import Composite, get_composite, module_kind
 from .rules import PixelInput, Rule
+
+if TYPE_CHECKING:
+    from ..adapters.base import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -35,66 +43,84 @@ class EngineError(ValueError):
 
 
 # ----------------------------------------------------------------------------- ledger
+LEDGER_CATEGORIES = ("bias", "embeddings", "positional")
+
+
+@dataclass
+class LedgerEntry:
+    """One tensor outside the image path that receives relevance: its category, name and leaf tensor.
+
+    ``name`` is the qualified name of the parameter (``…bias``), of a free parameter, or of the constant
+    input an adapter booked; a module called several times books one entry per call.
+    """
+
+    category: str  # one of LEDGER_CATEGORIES
+    name: str
+    tensor: torch.Tensor
+
+
 @dataclass
 class Ledger:
-    """Tensors outside the image path that receive relevance, by category."""
+    """Tensors outside the image path that receive relevance, in the order the forward met them."""
 
-    entries: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
+    entries: list[LedgerEntry] = field(default_factory=list)
 
     def track(self, category: str, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """A leaf copy of ``tensor`` whose gradient × value is the relevance it absorbs."""
         if tensor is None:
             return None
         leaf = tensor.detach().requires_grad_(True)
-        self.entries.append((category, name, leaf))
+        self.entries.append(LedgerEntry(category, name, leaf))
         return leaf
 
     def add(self, category: str, name: str, tensor: torch.Tensor) -> None:
         """Record an existing leaf (a learned embedding parameter)."""
-        self.entries.append((category, name, tensor))
+        self.entries.append(LedgerEntry(category, name, tensor))
 
 
 # ----------------------------------------------------------------------------- module forwards
-def _is_frozen_bn(norm: nn.Module | None) -> bool:
-    return norm is not None and hasattr(norm, "running_mean") and hasattr(norm, "running_var") \
-        and not isinstance(norm, (nn.GroupNorm, nn.LayerNorm))
+@dataclass
+class _Patch:
+    """What a module's rule forward needs besides the module and its rule."""
+
+    name: str
+    ledger: Ledger
+    adapter: "Adapter"
+    linear_rule: Rule  # the projections' rule inside attention modules
+    pixels: PixelInput | None  # only for the layer that sees the pixels
 
 
-def _linear_forward(name: str, module: nn.Linear, rule: Rule, ledger: Ledger) -> Callable:
+def _plain_forward_overridden(module: nn.Module, base: type) -> bool:
+    return type(module).forward is not base.forward
+
+
+def _linear_forward(module: nn.Linear, rule: Rule, p: _Patch) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return rule.linear(x, module.weight, ledger.track("bias", f"{name}.bias", module.bias))
+        return rule.linear(x, module.weight, p.ledger.track("bias", f"{p.name}.bias", module.bias))
 
     return forward
 
 
-def _conv_forward(name: str, module: nn.Conv2d, rule: Rule, ledger: Ledger, pixels: PixelInput | None) -> Callable:
-    """A conv (detectron2 style: optional ``norm`` and ``activation`` attributes); frozen BN is folded in."""
-    norm = getattr(module, "norm", None)
-    fold = _is_frozen_bn(norm)
+def _conv_forward(module: nn.Conv2d, rule: Rule, p: _Patch) -> Callable:
+    """A conv, then what the adapter says its own forward applies after it (e.g. a norm and activation)."""
     geometry = (module.stride, module.padding, module.dilation, module.groups)
+    epilogue = p.adapter.conv_epilogue(module)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        weight, bias = module.weight, module.bias
-        if fold:
-            weight, bias = rules.fold_batchnorm(weight, bias, norm.weight, norm.bias, norm.running_mean,
-                                                norm.running_var, getattr(norm, "eps", 1e-5))
-        y = rule.conv2d(x, weight, ledger.track("bias", f"{name}.bias", bias), geometry, pixels)
-        if norm is not None and not fold:
-            y = norm(y)
-        activation = getattr(module, "activation", None)
-        return activation(y) if activation is not None else y
+        y = rule.conv2d(x, module.weight, p.ledger.track("bias", f"{p.name}.bias", module.bias), geometry, p.pixels)
+        return epilogue(y) if epilogue is not None else y
 
     return forward
 
 
-def _norm_forward(name: str, module: nn.Module, rule: Rule, ledger: Ledger) -> Callable:
+def _norm_forward(module: nn.Module, rule: Rule, p: _Patch) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return rule.norm(module, x, ledger.track("bias", f"{name}.bias", module.bias))
+        return rule.norm(module, x, p.ledger.track("bias", f"{p.name}.bias", module.bias))
 
     return forward
 
 
-def _elementwise_forward(module: nn.Module, rule: Rule) -> Callable:
+def _elementwise_forward(module: nn.Module, rule: Rule, p: _Patch) -> Callable:
     fn = type(module)()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -103,14 +129,14 @@ def _elementwise_forward(module: nn.Module, rule: Rule) -> Callable:
     return forward
 
 
-def _product_forward(module: nn.Module, rule: Rule) -> Callable:
+def _product_forward(module: nn.Module, rule: Rule, p: _Patch) -> Callable:
     def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return rule.product(module.equation, a, b)
 
     return forward
 
 
-def _max_pool_forward(module: nn.MaxPool2d, rule: Rule) -> Callable:
+def _max_pool_forward(module: nn.MaxPool2d, rule: Rule, p: _Patch) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return rule.max_pool(module, x)
 
@@ -165,130 +191,133 @@ def multihead_attention(module: nn.MultiheadAttention, query, key, value, key_pa
     return out, weights
 
 
-def _mha_forward(name: str, module: nn.MultiheadAttention, rule: Rule, linear_rule: Rule, ledger: Ledger) -> Callable:
-    """nn.MultiheadAttention with the rule's attention steps (AttnLRP, the AH-rule, the plain gradient)."""
-    steps = vars(rule.attention(linear_rule))
+def _tracker(p: _Patch) -> Callable[[str, torch.Tensor | None], torch.Tensor | None]:
+    return lambda suffix, bias: p.ledger.track("bias", f"{p.name}.{suffix}", bias)
+
+
+def _mha_forward(module: nn.Module, rule: Rule, p: _Patch) -> Callable:
+    """Dot-product attention under the rule's steps: the adapter's kernel, or nn.MultiheadAttention's."""
+    steps = rule.attention(p.linear_rule)
+    kernel = p.adapter.kernel(module, "mha", steps, _tracker(p))
+    if kernel is not None:
+        return kernel
+    if not isinstance(module, nn.MultiheadAttention):
+        raise EngineError(f"{p.name} ({type(module).__name__}) is an attention module the engine cannot compute; "
+                          "its model's adapter must supply a kernel for it (Adapter.kernel)")
+    track = _tracker(p)
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        bias = ledger.track("bias", f"{name}.in_proj_bias", module.in_proj_bias)
         return multihead_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                   average_attn_weights, in_proj_bias=bias, **steps)
+                                   average_attn_weights, in_proj_bias=track("in_proj_bias", module.in_proj_bias),
+                                   **vars(steps))
 
     return forward
 
 
-def _deform_forward(name: str, module: nn.Module, rule: Rule) -> Callable:
-    """Multi-scale deformable attention under the rule's steps (value path, value + query path, gradient)."""
-    from ..model import deform_attn as da
-    steps = rule.deformable()
+def _deform_forward(module: nn.Module, rule: Rule, p: _Patch) -> Callable:
+    """Multi-scale deformable attention under the rule's steps, computed by the adapter's kernel."""
+    kernel = p.adapter.kernel(module, "deform_attn", rule.deformable(), _tracker(p))
+    if kernel is None:
+        raise EngineError(f"{p.name} ({type(module).__name__}) looks like a multi-scale deformable attention, but no "
+                          "adapter computes it; pass the model's adapter (lrp_mode(..., adapter=...))")
+    return kernel
 
-    def forward(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                input_padding_mask=None):
-        value = module.project_values(input_flatten, input_padding_mask)
-        query_for_weights = query if steps.query_relevance else query.detach()
-        locations, weights = da.sampling_locations_and_weights(module, query_for_weights, reference_points,
-                                                              input_spatial_shapes)
-        locations = locations.detach()  # offsets and bilinear weights are positional: no relevance
-        if steps.constant_weights:
-            weights = weights.detach()
-        if steps.product is not None:
-            sampled = da.sample_values(value, input_spatial_shapes, input_level_start_index, locations)
-            out = da.weighted_sum(sampled, weights, product=steps.product)
-        else:  # linear in the value with constant weights: the plain core propagates it
-            out = da.ms_deform_attn_core(value, input_spatial_shapes, input_level_start_index, locations, weights)
-        return module.output_proj(out)
 
-    return forward
+_FORWARDS: dict[str, Callable[[nn.Module, Rule, _Patch], Callable]] = {
+    "linear": _linear_forward, "conv": _conv_forward, "norm": _norm_forward, "elementwise": _elementwise_forward,
+    "product": _product_forward, "max_pool": _max_pool_forward, "mha": _mha_forward, "deform_attn": _deform_forward,
+}
+_PLAIN = {"linear": nn.Linear, "conv": nn.Conv2d}  # kinds whose subclasses may add steps to the forward
 
 
 # ----------------------------------------------------------------------------- the context
 @dataclass
 class LRPState:
-    """What one LRP forward leaves behind: patched modules, the ledger, and recorded tensors."""
+    """What one LRP forward leaves behind: the ledger and the rule attached to each module."""
 
     ledger: Ledger = field(default_factory=Ledger)
-    records: dict[str, Any] = field(default_factory=dict)
     rules: dict[str, Rule] = field(default_factory=dict)
 
 
-def _first_conv(model: nn.Module) -> nn.Conv2d | None:
-    backbone = getattr(model, "backbone", model)
-    for module in backbone.modules():
-        if isinstance(module, nn.Conv2d):
-            return module
-    return None
-
-
-def _free_parameters(model: nn.Module, patched: set[int]) -> list[tuple[str, nn.Parameter]]:
+def _free_parameters(model: nn.Module, skip: set[int], kind_of: Callable[[str, nn.Module], str | None]
+                     ) -> list[tuple[str, nn.Parameter]]:
     """Parameters used directly (not through a patched module): level embeddings, query embeddings."""
     out = []
     for mod_name, module in model.named_modules():
-        if id(module) in patched or module_kind(module) is not None:
-            continue
-        if _is_frozen_bn(module):
+        if id(module) in skip or kind_of(mod_name, module) is not None or _is_frozen_norm(module):
             continue
         for p_name, param in module.named_parameters(recurse=False):
             out.append((f"{mod_name}.{p_name}" if mod_name else p_name, param))
     return out
 
 
+def _is_frozen_norm(module: nn.Module) -> bool:
+    """A batch norm with fixed statistics: an affine map folded into the layer before it, never an input."""
+    return hasattr(module, "running_mean") and hasattr(module, "running_var") \
+        and not isinstance(module, (nn.GroupNorm, nn.LayerNorm))
+
+
+def resolve_adapter(model: nn.Module, adapter: "Adapter | None" = None) -> "Adapter":
+    """The adapter given, else the registered one that matches ``model``, else the generic one."""
+    if adapter is not None:
+        return adapter
+    from ..adapters import Adapter, find_adapter
+
+    return find_adapter(model) or Adapter()
+
+
 @contextlib.contextmanager
-def lrp_mode(model: nn.Module, composite: str | Composite = "default",
-             pixels: PixelInput | None = None) -> Iterator[LRPState]:
-    """Attach the composite's rules to ``model`` for the forwards run inside; restore it exactly on exit."""
+def lrp_mode(model: nn.Module, composite: str | Composite = "default", pixels: PixelInput | None = None,
+             adapter: "Adapter | None" = None) -> Iterator[LRPState]:
+    """Attach the composite's rules to ``model`` for the forwards run inside; restore it exactly on exit.
+
+    ``adapter`` describes the model family (found from the model when not given, see
+    :func:`maskdino_lrp.adapters.find_adapter`).
+    """
     composite = get_composite(composite)
+    adapter = resolve_adapter(model, adapter)
     state = LRPState()
-    first = _first_conv(model)
+    first = adapter.pixel_layer(model)
+    linear_rule = composite.by_kind.get("linear") or Rule("epsilon")
+    canonizer = BatchNormFold(adapter.batchnorm_pairs(model))
     patched: list[nn.Module] = []
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    detach_flags = []
+
+    def kind_of(name: str, module: nn.Module) -> str | None:
+        return adapter.module_kind(name, module) or module_kind(module)
+
     try:
-        for name, module in model.named_modules():
-            # the pixel rules (flat, z^B) need the pixel input; without it the first conv gets its kind's rule
-            rule = composite.rule_for(name, module, is_first_layer=module is first and pixels is not None)
-            if rule is None:
-                continue
-            kind = module_kind(module)
-            if kind == "linear":
-                fwd = _linear_forward(name, module, rule, state.ledger)
-            elif kind == "conv":
-                fwd = _conv_forward(name, module, rule, state.ledger, pixels if module is first else None)
-            elif kind == "norm":
-                fwd = _norm_forward(name, module, rule, state.ledger)
-            elif kind == "elementwise":
-                fwd = _elementwise_forward(module, rule)
-            elif kind == "product":
-                fwd = _product_forward(module, rule)
-            elif kind == "max_pool":
-                fwd = _max_pool_forward(module, rule)
-            elif kind == "mha":
-                fwd = _mha_forward(name, module, rule, composite.by_kind.get("linear") or Rule("epsilon"), state.ledger)
-            elif kind == "deform_attn":
-                fwd = _deform_forward(name, module, rule)
-            else:  # pragma: no cover - module_kind and this table are written together
-                raise RuleError(f"no forward for module kind {kind!r}")
-            module.forward = fwd
-            patched.append(module)
-            state.rules[name] = rule
-        patched_ids = {id(m) for m in patched}
-        free = _free_parameters(model, patched_ids)
-        free_ids = {id(p) for _, p in free}
-        for param in model.parameters():
-            # weights need no gradient: only relevance is computed, and the forward keeps less
-            param.requires_grad_(id(param) in free_ids)
-        for pname, param in free:
-            state.ledger.add("embeddings", pname, param)
-        for module in model.modules():
-            if hasattr(module, "detach_query_content"):
-                detach_flags.append((module, module.detach_query_content))
-                module.detach_query_content = False  # the selected query content is part of the decision
-        log.debug("LRP mode: %d modules patched, %d free parameters", len(patched), len(free))
-        yield state
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(canonizer)
+            for name, module in model.named_modules():
+                kind = kind_of(name, module)
+                # the pixel rules (flat, z^B) need the pixel input; without it the first conv gets its kind's rule
+                rule = composite.rule_for(name, module, is_first_layer=module is first and pixels is not None,
+                                          kind=kind, groups=adapter.groups)
+                if rule is None:
+                    continue
+                if kind in _PLAIN and _plain_forward_overridden(module, _PLAIN[kind]) \
+                        and adapter.conv_epilogue(module) is None:
+                    raise EngineError(f"{name} ({type(module).__name__}) overrides {_PLAIN[kind].__name__}.forward; "
+                                      "its model's adapter must say what it adds (Adapter.conv_epilogue)")
+                patch = _Patch(name, state.ledger, adapter, linear_rule, pixels if module is first else None)
+                module.forward = _FORWARDS[kind](module, rule, patch)
+                patched.append(module)
+                state.rules[name] = rule
+            skip = {id(m) for m in patched} | {id(m) for m in canonizer.norms}
+            free = _free_parameters(model, skip, kind_of)
+            free_ids = {id(p) for _, p in free}
+            for param in model.parameters():
+                # weights need no gradient: only relevance is computed, and the forward keeps less
+                param.requires_grad_(id(param) in free_ids)
+            for pname, param in free:
+                state.ledger.add("embeddings", pname, param)
+            stack.enter_context(adapter.connect(model))
+            log.debug("LRP mode: %d modules patched, %d free parameters", len(patched), len(free))
+            yield state
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
         for param in model.parameters():
             param.requires_grad_(flags.get(id(param), True))
-        for module, value in detach_flags:
-            module.detach_query_content = value
