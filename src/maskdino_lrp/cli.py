@@ -129,12 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", parents=[common], help="check written explanations (a run folder or one CSV)",
                        description="Check an output folder or a single file: token CSVs sum to 1, no NaN/Inf, "
-                       "conservation within range, referenced files exist; prints distribution statistics with --all.")
+                       "conservation within range, referenced files exist, CSVs agree with the .npz and the metadata; a run "
+                       "folder is complete (manifest, every image folder listed and finished, no lock or temporary "
+                       "files left); one line per problem, exit 1; statistics with --all.")
     p.add_argument("path", metavar="PATH", help="run folder, image folder, or a CSV / metadata JSON / npz file")
     p.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
                    help="allowed |Σ relevance − 1| (default: %(default)g)")
     p.add_argument("--max-residual", type=_positive_float, default=DEFAULT_MAX_RESIDUAL,
-                   help="allowed |residual| / |target| at a complete cut (default: %(default)g)")
+                   help="allowed |residual| / max(|target|, |relevance at the cut|) at each complete cut "
+                   "(default: %(default)g)")
     p.add_argument("--all", action="store_true", help="print every check, not only the failures")
     p.add_argument("--json", metavar="FILE", help="also write the checks and statistics to this JSON file")
 
@@ -200,6 +203,7 @@ def _cmd_explain(args) -> int:
                             target=args.target, composite=args.composite, options=options, formats=formats,
                             seed=args.seed, progress=not args.no_progress)
     runner.load_manifest()  # a folder with other settings is an input error, before the model is built
+    runner.check_lock()  # a folder another run is writing: refused before the model is built
     counts = runner.run_all(args.images)
     print(f"{counts['done']} image(s) explained ({counts['queries']} queries), {counts['skipped']} already done, "
           f"{counts['failed']} failed; report: {os.path.join(args.out, 'report.html')}")

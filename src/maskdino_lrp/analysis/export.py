@@ -29,6 +29,8 @@ import json
 import math
 import os
 import re
+import sys
+import unicodedata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -92,9 +94,29 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- names
+def _name_char_ok(ch: str) -> bool:
+    """Letters, marks and digits of any script (where the file system's encoding has them) and ``._-``."""
+    if ch in "._-":
+        return True
+    if unicodedata.category(ch)[0] not in "LMN":
+        return False
+    try:
+        ch.encode(sys.getfilesystemencoding())
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
 def safe_name(name: str) -> str:
-    """A file-system-safe folder / file name (letters, digits, ``._-``; other characters become ``_``)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
+    """A file-system-safe folder / file name: letters and digits of any script (NFC), ``._-``; every run
+    of other characters becomes one ``_``; no leading / trailing ``._``."""
+    out: list[str] = []
+    for ch in unicodedata.normalize("NFC", str(name)):
+        if _name_char_ok(ch):
+            out.append(ch)
+        elif not out or out[-1] != "\0":
+            out.append("\0")
+    name = "".join(out).replace("\0", "_").strip("._")
     return name or "image"
 
 
