@@ -17,6 +17,7 @@ __all__ = ["ADAPTERS", "Adapter", "Cut", "Records", "STOP_NAMES", "StopTensor", 
 # name → "module:Class", imported when first needed (an adapter imports its model package and the engine)
 ADAPTERS: dict[str, str] = {
     "maskdino": "maskdino_lrp.adapters.maskdino:MaskDINOAdapter",
+    "detr": "maskdino_lrp.adapters.detr:DetrAdapter",  # transformers' DetrForObjectDetection (extra "hf")
 }
 
 
