@@ -87,6 +87,7 @@ class DRise(Method):
     (``seed``, image content): reproducible, different per image."""
 
     name = "d-rise"
+    needs_warm_up = False  # only forwards, already warm; a warm-up call would cost n_masks of them
 
     def __init__(self, n_masks: int = 500, grid: int = 8, p: float = 0.5, batch_size: int = 16, seed: int = 0):
         if n_masks < 1 or batch_size < 1:

@@ -144,6 +144,7 @@ class Method(abc.ABC):
 
     name: str = "method"
     needs_captum: bool = False
+    needs_warm_up: bool = True  # a first call that initialises kernels / caches, kept out of the timing
 
     def attribute(self, model: nn.Module, prepared: Any, query: int, label: int) -> torch.Tensor:
         """Pixel map (h, w) at the model input size explaining ``pred_logits[0, query, label]``."""

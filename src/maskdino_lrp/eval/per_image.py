@@ -93,6 +93,8 @@ def _attribute_all(ctx: ImageContext, prepared: Any, pairs: list[Pair], part: di
     labels = [p.label for p in pairs]
     if not ctx.warmed_up:  # lazy initialisation (kernels, caches) must not count as one method's run time
         for method in ctx.methods.values():
+            if not method.needs_warm_up:
+                continue
             with contextlib.suppress(Exception):
                 method.attribute_batch(model, prepared, queries[:1], labels[:1])
         ctx.warmed_up = True
