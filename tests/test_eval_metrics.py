@@ -323,6 +323,25 @@ def test_srg_is_zero_on_a_constant_image_for_every_order_and_replacement():
             assert row["srg"] == pytest.approx(0.0, abs=1e-12), name
 
 
+def test_curve_counts_are_mirror_symmetric_over_the_whole_range():
+    from maskdino_lrp.eval.curves import curve_counts
+
+    counts = curve_counts(525, 20, 1.0)  # 525 × 10 % = 52.5: plain rounding gives 52 and 472, not 473
+    assert counts[0] == 0 and counts[-1] == 525 and counts[10] in (262, 263)
+    mirrored = 525 - counts[::-1]
+    np.testing.assert_array_equal(np.delete(counts, 10), np.delete(mirrored, 10))  # odd n: the middle cannot be
+    assert np.all(np.abs(counts - M.perturbation_fractions(20) * 525) <= 0.5 + 1e-9)
+    assert np.all(np.diff(counts) > 0)
+    np.testing.assert_array_equal(curve_counts(30, 4, 0.4), [0, 3, 6, 9, 12])  # part of the range: plain rounding
+    # so on 525 elements, 20 steps: LIF costs one forward per order beyond insertion's (the middle point)
+    from maskdino_lrp.eval.curves import CurveProbe
+
+    probe = CurveProbe("tokens", "mean", lambda b: b.flatten(1).sum(1), torch.ones(1, 1, 525), torch.zeros(1, 1, 525))
+    rng = np.random.default_rng(0)
+    probe.curves({"a": rng.permutation(525), "b": rng.permutation(525)}, counts)
+    assert probe.forwards == 2 + 2 * (2 * 19 + 1)
+
+
 def test_curve_probe_rejects_an_order_of_the_wrong_size():
     image = torch.ones(1, 2, 2)
     with pytest.raises(ValueError, match="has 3 elements"):

@@ -24,8 +24,16 @@ Key = tuple  # ("start",) | ("neutral",) | (order name, "del" | "ins", count)
 
 
 def curve_counts(n: int, steps: int, max_fraction: float) -> np.ndarray:
-    """Removed (or inserted) element counts at the curve's fractions 0, m/steps, …, m of ``n`` elements."""
-    return np.round(M.perturbation_fractions(steps, max_fraction) * n).astype(int)
+    """Removed (or inserted) element counts at the curve's fractions 0, m/steps, …, m of ``n`` elements.
+
+    Over the whole range the counts are mirror-symmetric (count at 1 − f = n − count at f; rounding
+    alone would break that where f·n ends in .5, e.g. 525 tokens × 10 %), so that LIF deletion at f and
+    insertion at 1 − f are the same images and are scored once."""
+    counts = np.round(M.perturbation_fractions(steps, max_fraction) * n).astype(int)
+    if max_fraction == 1.0:
+        half = (steps + 1) // 2
+        counts[steps - half + 1:] = n - counts[:half][::-1]
+    return counts
 
 
 @dataclass
