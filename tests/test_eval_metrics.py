@@ -413,3 +413,24 @@ def test_paired_comparison_by_hand():
     expected = M.mean_ci([0.2, 0.1, 0.3])
     assert (deletion.low, deletion.high) == pytest.approx((expected.low, expected.high))
     assert paired["gradient"]["mass_accuracy"].mean == pytest.approx(-0.2)  # higher is better: ours − theirs
+
+
+def test_rank_stability_by_hand():
+    """SRG means: under mean a > b > c, under blur c > a > b: a moves 1, b moves 1, c moves 2; τ = −1/3."""
+    from maskdino_lrp.eval.stats import rank_stability
+
+    def est(v):
+        return M.Estimate(v, v - 0.1, v + 0.1, 5)
+
+    srg = {"a": (0.3, 0.2), "b": (0.2, 0.1), "c": (0.1, 0.5)}
+    table = {m: {"srg@mean": est(x), "srg@blur": est(y)} for m, (x, y) in srg.items()}
+    found = rank_stability(table, ["mean", "blur"], metrics=("srg",))["srg"]
+    assert found["ranks"] == {"a": {"mean": 1, "blur": 2}, "b": {"mean": 2, "blur": 3}, "c": {"mean": 3, "blur": 1}}
+    assert found["spread"] == {"a": 1, "b": 1, "c": 2}
+    # pairs (a,b) concordant, (a,c) and (b,c) discordant: τ = (1 − 2) / 3
+    assert found["kendall"][("mean", "blur")] == pytest.approx(-1 / 3)
+    # lower-is-better metrics rank the smallest first; ties share their mean rank
+    table = {m: {"deletion_auc@mean": est(v), "deletion_auc@zero": est(v)} for m, v in (("a", 0.2), ("b", 0.2), ("c", 0.1))}
+    found = rank_stability(table, ["mean", "zero"], metrics=("deletion_auc",))["deletion_auc"]
+    assert found["ranks"]["c"] == {"mean": 1, "zero": 1} and found["ranks"]["a"]["mean"] == 2.5
+    assert set(found["spread"].values()) == {0}

@@ -102,6 +102,8 @@ def _stability_markdown(stability: dict[str, dict[str, Any]], settings: EvalSett
              f"({', '.join(replacement_text(r, settings) for r in settings.replacements)}). "
              "Spread = highest − lowest rank: 0 means the method's place does not depend on the replacement. "
              "Kendall's τ compares two replacements' orderings of all methods (1 = the same order).", ""]
+    if not stability:
+        lines.append("Only one replacement in this run: nothing to compare (use e.g. --replacement mean,blur,noise,zero).")
     for metric, found in stability.items():
         reps = list(next(iter(found["ranks"].values()))) if found["ranks"] else []
         lines += [f"## {METRICS[metric][1]}", "",
@@ -286,7 +288,8 @@ def write_outputs(out: Path, settings: EvalSettings, table: dict[str, dict[str, 
               f"({', '.join(settings.replacements)}); SRG = AUC(LIF) − AUC(MIF).\n\n")
     reference = "lrp-default" if "lrp-default" in table else next(iter(table), None)
     paired = paired_comparison(records, reference, list(table), paired_keys(settings.replacements)) if reference else {}
-    stability = rank_stability(table, settings.replacements) if table else {}
+    # ranks can only move between replacements when there are two or more
+    stability = rank_stability(table, settings.replacements) if table and len(settings.replacements) > 1 else {}
     write_text(out / "results.md", header + _markdown_tables(table, n_rows, settings)
                + _paired_markdown(paired, reference, settings))
     write_text(out / "paired.csv", _csv_text(
