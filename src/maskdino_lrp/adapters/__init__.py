@@ -9,10 +9,9 @@ import importlib
 
 from torch import nn
 
-from .base import STOP_NAMES, Adapter, Cut, Records, StopTensor
+from .base import Adapter, Cut, Records, StopTensor
 
-__all__ = ["ADAPTERS", "Adapter", "Cut", "Records", "STOP_NAMES", "StopTensor", "find_adapter", "get_adapter",
-           "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Cut", "Records", "StopTensor", "find_adapter", "get_adapter", "register_adapter"]
 
 # name → "module:Class", imported when first needed (an adapter imports its model package and the engine)
 ADAPTERS: dict[str, str] = {

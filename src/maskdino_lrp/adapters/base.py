@@ -28,10 +28,6 @@ if TYPE_CHECKING:  # only for annotations: the engine imports this module, not t
     from ..lrp.explanation import Level
     from ..lrp.rules import AttentionSteps, DeformSteps
 
-# every stop name an adapter may offer, in input → output order (a family offers the ones it has)
-STOP_NAMES = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "mask_features", "query_init",
-              "decoder_layers")
-
 # how a stop tensor's relevance reduces to the Explanation's layout
 LAYOUTS = ("pixels", "map", "tokens", "sequence_first")
 

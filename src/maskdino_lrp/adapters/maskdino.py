@@ -240,13 +240,20 @@ class MaskDINOAdapter(Adapter):
     def cuts(self, records: Records) -> list[Cut]:
         rec = records.tensors
         cuts = []
-        if rec.get("backbone"):
-            # backbone stages are chained: the shallowest feature already carries everything above it
-            first = max(rec["backbone"], key=lambda n: rec["backbone"][n].shape[-2] * rec["backbone"][n].shape[-1])
-            stages = rec["backbone_stages"]
+        features = rec.get("backbone") or {}
+        stages = rec["backbone_stages"]
+        first = max(features, key=lambda n: features[n].shape[-2] * features[n].shape[-1], default=None)
+        if first in stages:
+            # ResNet: the features are the stages' outputs and the next stage reads them, so the shallowest
+            # feature already carries everything above it
             upstream = tuple(f"backbone.{n}." for n in stages[: stages.index(first) + 1])
             cuts.append(Cut("backbone", ("backbone",), (f"backbone.{first}",),
                             lambda entry: not entry.name.startswith(upstream)))
+        elif features:
+            # side outputs (Swin: an output norm per stage, the next stage reads the tensor before it): all of
+            # them together are the cut, and everything in the backbone lies upstream
+            cuts.append(Cut("backbone", ("backbone",), tuple(f"backbone.{n}" for n in features),
+                            lambda entry: not entry.name.startswith("backbone.")))
         laterals = tuple(f"lateral{i}" for i in range(len(rec.get("lateral", []))))
         cuts.append(Cut("memory", ("memory",), ("memory",) + laterals,
                         lambda entry: entry.name.startswith(_AFTER_MEMORY)))

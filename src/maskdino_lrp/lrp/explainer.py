@@ -21,7 +21,7 @@ from .targets import TargetFn, get_target, parse_queries, select_queries
 if TYPE_CHECKING:
     from ..adapters.base import Adapter, Records, StopTensor
 
-# the stop vocabulary of the DETR family (an adapter offers the ones its model has)
+# the stop vocabulary of the DETR family, input → output (an adapter offers the ones its model has, in this order)
 STOPS = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "mask_features", "query_init",
          "decoder_layers")
 DEFAULT_STOPS = ("pixels", "encoder_input", "memory")
