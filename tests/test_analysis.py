@@ -6,8 +6,6 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskdino_lrp.analysis.estimate import EstimateError, estimate, model_shapes
+from maskdino_lrp.analysis.estimate import model_shapes
 from maskdino_lrp.analysis.export import (explanation_to_csv, plot_explanation, remove_stale_temp_files,
                                           save_explanation, token_relevance)
 from maskdino_lrp.fileio import atomic_open, atomic_write_text
@@ -369,69 +367,7 @@ def test_model_shapes_follow_the_config():
     assert model_shapes("tiny", 128).parameters == expected
 
 
-def test_estimate_scales_and_recommends_a_chunk():
-    small = estimate("maskdino_r50_3s_coco", 400, 10, gflops=50.0,
-                     overrides={"INPUT.MIN_SIZE_TEST": 400, "INPUT.MAX_SIZE_TEST": 667})
-    big = estimate("maskdino_r50_3s_coco", 800, 10, gflops=50.0)
-    assert big.forward_bytes > 3 * small.forward_bytes  # ~4× the tokens and pixels
-    assert big.total_bytes > small.total_bytes > 0 and big.seconds_total > small.seconds_total
-    roomy = estimate("maskdino_r50_3s_coco", 800, 300, memory_budget_gb=1000, gflops=50.0)
-    assert roomy.recommended_chunk == 300 and roomy.fits
-    many = estimate("maskdino_r50_3s_coco", 800, 300, gflops=50.0)
-    assert many.total_for(41) > many.total_for(40) > many.total_for(1)  # past the forward transient
-    budget = (many.total_for(40) + many.total_for(41)) / 2 / 2 ** 30
-    tight = estimate("maskdino_r50_3s_coco", 800, 300, memory_budget_gb=budget, gflops=50.0)
-    assert tight.fits and tight.recommended_chunk == 40 and tight.chunk_size == 40
-    assert tight.total_bytes <= budget * 2 ** 30
-    hopeless = estimate("maskdino_r50_3s_coco", 800, 300, memory_budget_gb=0.1, gflops=50.0)
-    assert not hopeless.fits and hopeless.recommended_chunk == 1
-    assert "does NOT fit" in hopeless.table()
-    wider = estimate("maskdino_r50_3s_coco", 800, 10, stops="pixels,encoder_input,encoder_layers,memory", gflops=50.0)
-    assert wider.per_target_bytes > big.per_target_bytes
-    double = estimate("maskdino_r50_3s_coco", 800, 10, dtype="float64", gflops=50.0)
-    assert double.forward_bytes == 2 * big.forward_bytes
-    with pytest.raises(EstimateError, match="unknown stop"):
-        estimate("tiny", 128, 1, stops="nowhere", gflops=1.0)
-    with pytest.raises(EstimateError, match="at least 1"):
-        estimate("tiny", 128, 0, gflops=1.0)
-
-
-_MEASURE = r"""
-import json, resource, sys
-import numpy as np, torch
-torch.set_num_threads(1)
-torch.manual_seed(0)
-from maskdino_lrp import build_model
-from maskdino_lrp.lrp import LRP
-size, k = int(sys.argv[1]), int(sys.argv[2])
-model = build_model("tiny", {"INPUT.MIN_SIZE_TEST": size, "INPUT.MAX_SIZE_TEST": size})
-warm = build_model("tiny", {"INPUT.MIN_SIZE_TEST": 64, "INPUT.MAX_SIZE_TEST": 64})
-LRP(warm).explain(np.zeros((64, 64, 3), np.uint8), queries=[0])  # one-off allocations of the libraries
-del warm
-image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-import ctypes, os
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so the resident size is what is in use
-resident_kib = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-before = resident_kib  # the high-water mark below is measured from what is resident now
-LRP(model, chunk_size=k, batch_mode="loop").explain(image, queries=list(range(k)))  # the CPU default
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_bytes": (after - before) * 1024}))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
-def test_estimate_matches_a_measured_peak():
-    size, k = 256, 5
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(size), str(k)], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-    e = estimate("tiny", size, k, chunk_size=k, gflops=1.0, parameters=0,  # parameters exist before the baseline
-                 overrides={"INPUT.MIN_SIZE_TEST": size, "INPUT.MAX_SIZE_TEST": size})
-    ratio = measured / e.total_bytes
-    print(f"measured/estimated peak: {ratio:.2f}")
-    assert 0.3 <= ratio <= 3.0, f"measured {measured / 2**20:.0f} MB vs estimated {e.total_bytes / 2**20:.0f} MB"
+# the estimate's structure and a measured run: tests/test_estimate.py; figures: benchmarks/estimate_vs_measured.py
 
 
 # ----------------------------------------------------------------------------- runner (tiny model)

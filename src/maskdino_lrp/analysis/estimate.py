@@ -28,7 +28,8 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
   - decoder, query part, per layer: ``Q·(12·D + 2·F_d + 8·Q + 6·8·L·4)``;
   - mask logits: ``h4·w4·Q`` for the two-stage proposals and for the final layer.
 
-  The held forward memory is ``α · A · bytes`` with ``α`` = :data:`ALPHA` (the engine's rules keep
+  The held forward memory is ``α · A · bytes`` with ``α`` = :data:`ALPHA` (:data:`ALPHA_ENCODER` for
+  the encoder's part, whose deformable attention keeps a sparse matrix, not the gathers; the engine's rules keep
   some inputs and outputs twice; measured, see below).
 
 * **forward peak** — on top of the held activations, the largest transient: the bilinear sampler
@@ -44,12 +45,20 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
   mask_features; query states ``Q·D`` per layer) and at the ledger leaves (positional encodings
   ``T·D``, reference embeddings ``2·Q·D`` per decoder layer).
 
-* **total** = parameters + held forward + max(forward transient, chain + ``c`` × per target)
-  + ``K`` × the reduced relevance kept per target (+ ``K·T·D`` per token stop with keep_channels).
+* **the process and the photo** — the interpreter with torch, numpy, PIL and this package
+  (:data:`RUNTIME_BYTES`, + :data:`RENDER_BYTES` when PNGs are written), and the photo at its
+  *original* size: :data:`IMAGE_BYTES_PER_PIXEL` per pixel for the copies held while it is explained,
+  plus the post-processing's transient, which resizes mask logits to the photo a bounded group at a
+  time (``model.masks.RESIZE_BUDGET_BYTES``).
 
-  The recommended chunk is the largest ``c ≤ K`` with total ≤ budget (at least 1; ``fits`` says
-  whether even ``c = 1`` fits). On CPU the allocator keeps some freed gradient memory, so a long
-  run of small chunks creeps above the figure (measured: up to ~2× the backward part).
+* **total** = process + parameters + photo + held forward + max(forward transient, mask transient,
+  chain + ``c`` × per target) + ``K`` × the reduced relevance kept per target (+ ``K·T·D`` per token stop
+  with keep_channels): the peak resident size (``ru_maxrss``) of the whole process.
+
+  The recommended chunk is the largest ``c ≤ K`` whose total stays within :data:`HEADROOM` of the
+  budget (at least 1; ``fits`` says whether even ``c = 1`` does): the estimate is good to about ±25 %.
+  On CPU the allocator keeps some freed gradient memory, so a long run of small chunks creeps above
+  the figure.
 
 * **time** — multiply-accumulate count of one forward (convolutions, linears, the sampler, the mask
   product) × 2 FLOP, divided by the machine's measured matmul throughput (a 0.1 s probe, or the
@@ -57,11 +66,13 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
   far below peak); the LRP forward costs :data:`LRP_FORWARD_FACTOR` forwards and each target's
   backward :data:`BACKWARD_FACTOR` forwards of the part it crosses. A rough figure (×/÷ 3).
 
-``ALPHA``, ``BETA`` and the time factors were measured with the default composite on the ``tiny``
-preset at 256–512 px (K 1–40, chunk 1–40) and on ``maskdino_r50_3s_coco`` at 320–480 px (K 5–20),
-peak RSS (``ru_maxrss``) after a warm-up: measured / estimated total was 0.5–1.6 on all twelve
-cases; ``tests/test_analysis.py`` checks the estimate against a measured peak. Times depend on the
-machine's load and thread count (the probe measures them as they are now).
+``ALPHA``, ``BETA`` and the constants were measured with the default composite (K = 5, chunk 16,
+stops pixels, encoder_input, memory) on ``tiny``, ``demo``, ``maskdino_r50_3s_coco`` and the
+official-style 4-scale config (``benchmarks/maskdino_r50_4s.yaml``) at small and large inputs and on
+3000×2000 photos: ``python benchmarks/estimate_vs_measured.py [--large]`` runs each case in its own
+process and prints estimate, measured peak and their ratio (README of the benchmark: within ±25 %).
+The time factors were measured on ``tiny`` and ``maskdino_r50_3s_coco``; times depend on the machine's
+load and thread count (the probe measures them as they are now).
 """
 from __future__ import annotations
 
@@ -76,11 +87,21 @@ from typing import Any, Mapping, Sequence
 from ..model.config import get, load_config
 
 # measured factors (see the module docstring)
-ALPHA = 2.0  # held forward bytes per counted activation element (× dtype size)
+ALPHA = 3.15  # held forward bytes per counted activation element (× dtype size), outside the encoder
+# ... inside the deformable encoder: its attention keeps one sparse sampling matrix instead of the counted
+# gathers (measured on the 3- and 4-scale configs; the old single ALPHA made the 4-scale estimate 1.4× too big)
+ALPHA_ENCODER = 0.9
 BETA = 1.0  # live chain of gradients during a backward, in units of the largest activation crossed
 EFFICIENCY = 0.25  # achieved / matmul throughput for the model's mix of ops
 LRP_FORWARD_FACTOR = 1.3  # an LRP forward (rules, ledger, graph) in plain forwards
 BACKWARD_FACTOR = 0.6  # one target's batched backward in forwards of the part it crosses
+# the process: interpreter, torch, numpy, PIL and this package (~230 MB), plus what building a model and one
+# LRP forward cost beyond their tensors (~55 MB: modules, autograd nodes, the engine's records); measured
+RUNTIME_BYTES = 285 * 2 ** 20
+RENDER_BYTES = 35 * 2 ** 20  # matplotlib and its figures, when PNGs are written (measured)
+IMAGE_BYTES_PER_PIXEL = 10  # copies of the photo held while it is explained (decoded, RGB, the explanation's)
+RENDER_BYTES_PER_PIXEL = 14  # ... and while its PNGs are drawn (the photo resampled for the overlays)
+HEADROOM = 0.85  # the chunk advice fills at most this share of a budget (the estimate is good to about ±25 %)
 DECODER_POINTS = 4  # the official decoder layers always sample 4 points per level
 DECODER_HEADS = 8  # ... with 8 heads
 
@@ -331,6 +352,9 @@ class Estimate:
     dtype: str
     stops: tuple[str, ...]
     parameter_bytes: int
+    runtime_bytes: int  # the process itself (interpreter, libraries; + matplotlib when PNGs are written)
+    image_bytes: int  # the photo's copies at its original size
+    mask_transient_bytes: int  # post-processing: mask logits resized to the photo (bounded)
     forward_bytes: int  # activations held for the backward
     forward_transient_bytes: int
     backward_chain_bytes: int
@@ -350,8 +374,9 @@ class Estimate:
     def total_for(self, chunk: int) -> int:
         """Total bytes for K targets with a given chunk size."""
         chunk = max(1, min(int(chunk), self.targets))
-        return (self.parameter_bytes + self.forward_bytes
-                + max(self.forward_transient_bytes, self.backward_chain_bytes + chunk * self.per_target_bytes)
+        return (self.runtime_bytes + self.parameter_bytes + self.image_bytes + self.forward_bytes
+                + max(self.forward_transient_bytes, self.mask_transient_bytes,
+                      self.backward_chain_bytes + chunk * self.per_target_bytes)
                 + self.targets * self.result_bytes_per_target)
 
     def to_dict(self) -> dict:
@@ -371,7 +396,9 @@ class Estimate:
             f"{s.hidden} channels, {s.heads} heads × {s.num_levels} levels × {s.points} points, {s.parameters:,} parameters",
             f"targets           K = {self.targets}, chunk {self.chunk_size}, stops {', '.join(self.stops)}",
             "",
+            f"process           {gb(self.runtime_bytes)} (interpreter and libraries)",
             f"parameters        {gb(self.parameter_bytes)}",
+            f"photo             {gb(self.image_bytes)} (+ {gb(self.mask_transient_bytes)} resizing masks to it)",
             f"forward (held)    {gb(self.forward_bytes)}",
             f"forward transient {gb(self.forward_transient_bytes)}",
             f"backward          {gb(self.backward_chain_bytes)} + per target {gb(self.per_target_bytes)} "
@@ -380,6 +407,7 @@ class Estimate:
         ]
         if self.memory_budget_bytes is not None:
             lines.append(f"budget            {gb(self.memory_budget_bytes)}: recommended chunk size {self.recommended_chunk}"
+                         f" (total {gb(self.total_for(self.recommended_chunk))}, at most {HEADROOM:.0%} of the budget)"
                          + ("" if self.fits else " (does NOT fit even one target at a time)"))
         else:
             lines.append(f"recommended chunk {self.recommended_chunk}")
@@ -389,6 +417,15 @@ class Estimate:
             f"= {self.seconds_total:.1f} s  ({self.forward_gflop:.1f} GFLOP per forward at ~{self.throughput_gflops:.0f} GFLOP/s)",
         ]
         return "\n".join(lines)
+
+
+def _mask_budget() -> int:
+    """Bytes the post-processing's mask resizing may take at once (model.masks), two buffers of it."""
+    try:
+        from ..model.masks import RESIZE_BUDGET_BYTES
+    except ImportError:
+        RESIZE_BUDGET_BYTES = 64 * 2 ** 20
+    return int(RESIZE_BUDGET_BYTES)
 
 
 def measure_throughput(seconds: float = 0.1) -> float:
@@ -412,12 +449,16 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
              memory_budget_gb: float | None = None, chunk_size: int | None = None,
              stops: Sequence[str] | str = ("pixels", "encoder_input", "memory"), dtype: str = "float32",
              keep_channels: bool = False, overrides: Mapping[str, Any] | None = None,
-             gflops: float | None = None, parameters: int | None = None) -> Estimate:
+             gflops: float | None = None, parameters: int | None = None,
+             formats: Sequence[str] = ("csv", "npz", "png")) -> Estimate:
     """Memory and time for explaining ``queries`` targets of one ``image_size`` image (see the module docstring).
 
     ``chunk_size`` defaults to the recommended one for ``memory_budget_gb`` (or to all targets at once
     when no budget is given); ``gflops`` is the machine's matmul throughput (measured when None);
-    ``parameters`` the model's parameter + buffer count (counted on the meta device when None).
+    ``parameters`` the model's parameter + buffer count (counted on the meta device when None);
+    ``formats`` the outputs written (PNGs load matplotlib). The total is the peak resident size of the
+    whole process (``ru_maxrss``), the interpreter and libraries included; the recommended chunk keeps it
+    within :data:`HEADROOM` of the budget.
     """
     if isinstance(stops, str):
         stops = [p.strip() for p in stops.split(",") if p.strip()]
@@ -440,8 +481,8 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
     breakdown = {"backbone": bb_acts, "pixel_decoder": head["pixel_decoder"], "encoder": head["encoder"],
                  "decoder_tokens": head["decoder_tokens"], "decoder_queries": head["decoder_queries"],
                  "masks": head["masks"]}
-    acts = sum(breakdown.values())
-    forward_bytes = int(ALPHA * acts * nbytes)
+    forward_bytes = int((ALPHA * (sum(breakdown.values()) - breakdown["encoder"])
+                         + ALPHA_ENCODER * breakdown["encoder"]) * nbytes)
     hp, wp = s.padded_size
     transient = max(head["sampler"], 2 * s.queries * hp * wp) * nbytes
     # the live gradient chain: the largest activation on the way down to the deepest stop
@@ -461,18 +502,25 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
                             + s.queries * (("query_init" in stops) + s.dec_layers * ("decoder_layers" in stops)))
     result_bytes = kept * nbytes
     parameter_bytes = s.parameters * nbytes
+    runtime = RUNTIME_BYTES + (RENDER_BYTES if "png" in formats else 0)
+    oh, ow = s.image_size
+    image_bytes = (IMAGE_BYTES_PER_PIXEL + (RENDER_BYTES_PER_PIXEL if "png" in formats else 0)) * oh * ow
+    # post-processing resizes mask logits to the photo a bounded group at a time (model.masks)
+    mask_transient = min(_mask_budget(), 2 * 4 * oh * ow * min(k, s.queries))
+    fixed = runtime + parameter_bytes + image_bytes + forward_bytes + k * result_bytes
 
     def total(c: int) -> int:
-        return parameter_bytes + forward_bytes + max(transient, chain_bytes + c * per_target) + k * result_bytes
+        return fixed + max(transient, mask_transient, chain_bytes + c * per_target)
 
     budget = int(memory_budget_gb * GB) if memory_budget_gb is not None else None
     if budget is None:
         recommended, fits = k, True
     else:
-        fits = total(1) <= budget
+        usable = int(budget * HEADROOM)
+        fits = total(1) <= usable
         recommended = 1
         if fits:
-            free = budget - parameter_bytes - forward_bytes - k * result_bytes - chain_bytes
+            free = usable - fixed - chain_bytes
             recommended = max(1, min(k, free // max(per_target, 1)))
     chunk = int(chunk_size) if chunk_size else recommended
     chunk = max(1, min(chunk, k))
@@ -488,7 +536,8 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
     name = config if isinstance(config, (str, Path)) else "<dict>"
     return Estimate(
         config=str(name), shapes=s, targets=k, chunk_size=chunk, dtype=dtype, stops=tuple(stops),
-        parameter_bytes=parameter_bytes, forward_bytes=forward_bytes, forward_transient_bytes=transient,
+        parameter_bytes=parameter_bytes, runtime_bytes=runtime, image_bytes=image_bytes,
+        mask_transient_bytes=mask_transient, forward_bytes=forward_bytes, forward_transient_bytes=transient,
         backward_chain_bytes=chain_bytes, per_target_bytes=per_target, result_bytes_per_target=result_bytes, total_bytes=total(chunk),
         memory_budget_bytes=budget, recommended_chunk=int(recommended), fits=fits, forward_gflop=gflop,
         throughput_gflops=throughput, seconds_forward=lrp_forward, seconds_per_target=seconds_target,

@@ -679,9 +679,11 @@ class BatchExplainer:
             self._parameters = sum(p.numel() for p in self.model.parameters()) + sum(b.numel() for b in self.model.buffers())
         est = estimate(self.model.cfg, image_size, k, memory_budget_gb=self.options.memory_budget_gb,
                        stops=self.options.stops, dtype=self.options.dtype, keep_channels=self.options.keep_channels,
-                       gflops=1.0, parameters=self._parameters)
+                       gflops=1.0, parameters=self._parameters, formats=self.formats)
         if not est.fits:
-            self._warn(f"estimated memory {est.total_for(1) / 2 ** 30:.2f} GB exceeds the budget of "
+            from .estimate import HEADROOM
+
+            self._warn(f"estimated memory {est.total_for(1) / 2 ** 30:.2f} GB exceeds {HEADROOM:.0%} of the budget of "
                        f"{self.options.memory_budget_gb:g} GB even one target at a time")
         log.debug("memory budget %.2f GB: chunk %d (estimate %.2f GB)", self.options.memory_budget_gb,
                   est.recommended_chunk, est.total_for(est.recommended_chunk) / 2 ** 30)
