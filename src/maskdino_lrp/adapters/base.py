@@ -97,10 +97,11 @@ class Adapter:
         return None
 
     def kernel(self, module: nn.Module, kind: str, steps: "AttentionSteps | DeformSteps",
-               track: Callable[[str, torch.Tensor | None], torch.Tensor | None]) -> Callable | None:
+               track: Callable[..., torch.Tensor | None]) -> Callable | None:
         """A forward computing ``module`` (of an attention kind) under a rule's ``steps``; None if not ours.
 
-        ``track(suffix, bias)`` books a bias the kernel uses directly in the ledger and returns its leaf.
+        ``track(suffix, tensor, category="bias")`` books a constant the kernel uses directly (a bias, a
+        position embedding: ``category="positional"``) in the ledger under the module's name, returns its leaf.
         """
         return None
 

@@ -19,12 +19,14 @@ from torch import nn
 
 from ..lrp.engine import EngineError, Ledger, LedgerEntry
 from ..lrp.rules import AttentionSteps
-from .base import Adapter, Records, StopTensor, hooks
+from .base import Adapter, Cut, Records, StopTensor, hooks
 
 # DETR's image processor normalises with the ImageNet statistics
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DETR_MODULE = "transformers.models.detr.modeling_detr"
+# ledger entries downstream of the memory: the decoder, its query embeddings, the class and box heads
+_AFTER_MEMORY = ("model.decoder.", "model.query_position_embeddings.", "class_labels_classifier.", "bbox_predictor.")
 
 
 def _is_detr(module: nn.Module, *names: str) -> bool:
@@ -59,15 +61,20 @@ class DetrDetections:
         return int(self.query_indices.numel())
 
 
-def _attention_kernel(module: nn.Module, steps: AttentionSteps, cross: bool) -> Callable:
-    """DETR's self- or cross-attention under a rule's steps (projections are the patched q/k/v/o_proj)."""
+def _attention_kernel(module: nn.Module, steps: AttentionSteps, cross: bool, track: Callable) -> Callable:
+    """DETR's self- or cross-attention under a rule's steps (projections are the patched q/k/v/o_proj).
+
+    The position embeddings are booked per call, so each one's relevance is counted where it enters (the
+    encoder's share and the decoder's share of the one sine embedding stay apart, and so the cuts).
+    """
 
     def forward(hidden_states, key_value_states=None, attention_mask=None, position_embeddings=None,
                 encoder_position_embeddings=None, **_):
+        position_embeddings = track("position_embeddings", position_embeddings, "positional")
         if not cross:  # self-attention: (hidden_states, attention_mask, position_embeddings)
             key_value_states, key_pos = hidden_states, position_embeddings
         else:
-            key_pos = encoder_position_embeddings
+            key_pos = track("encoder_position_embeddings", encoder_position_embeddings, "positional")
         b, lq, _ = hidden_states.shape
         lk = key_value_states.shape[1]
         d = module.head_dim
@@ -115,7 +122,7 @@ class DetrAdapter(Adapter):
 
     def kernel(self, module, kind, steps, track):
         if kind == "mha" and _is_detr(module, "DetrSelfAttention", "DetrCrossAttention"):
-            return _attention_kernel(module, steps, cross=type(module).__name__ == "DetrCrossAttention")
+            return _attention_kernel(module, steps, type(module).__name__ == "DetrCrossAttention", track)
         return None
 
     def batchnorm_pairs(self, model):
@@ -171,7 +178,7 @@ class DetrAdapter(Adapter):
     # ------------------------------------------------------------------ stops
     @contextlib.contextmanager
     def record(self, model: nn.Module, ledger: Ledger) -> Iterator[Records]:
-        """Hooks recording the stops and booking the sine position embedding as a positional constant."""
+        """Hooks recording the stops (the attention kernels book the position embeddings they use)."""
         records = Records()
         rec = records.tensors
         rec.update(encoder_layers=[], decoder_layers=[])
@@ -181,9 +188,6 @@ class DetrAdapter(Adapter):
             rec["backbone"] = [f for f, _ in out]
             records.spatial_shapes = [tuple(int(v) for v in out[-1][0].shape[-2:])]
 
-        def on_position(_m, _args, out):
-            return ledger.track("positional", "model.position_embedding", out)
-
         def on_encoder(_m, args, kwargs):
             rec["encoder_input"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
 
@@ -191,7 +195,6 @@ class DetrAdapter(Adapter):
             rec["memory"] = kwargs["encoder_hidden_states"]
 
         handles = [detr.backbone.register_forward_hook(on_backbone),
-                   detr.position_embedding.register_forward_hook(on_position),
                    detr.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True),
                    detr.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
         for layer in detr.encoder.layers:
@@ -219,6 +222,17 @@ class DetrAdapter(Adapter):
         if "backbone" in stops:
             return lambda entry: not entry.name.startswith("model.backbone.")
         return lambda entry: not entry.name.startswith(("model.backbone.", "model.input_projection."))
+
+    def cuts(self, records: Records) -> list[Cut]:
+        # DETR reads only the last backbone feature; the encoder reads only its input tokens (and constant
+        # positions); the decoder only the memory (its queries start at zero)
+        last = f"backbone.stage{len(records.tensors.get('backbone', [])) - 1}"
+        return [
+            Cut("backbone", ("backbone",), (last,), lambda entry: not entry.name.startswith("model.backbone.")),
+            Cut("encoder_input", ("encoder_input",), ("encoder_input",),
+                lambda entry: not entry.name.startswith(("model.backbone.", "model.input_projection."))),
+            Cut("memory", ("memory",), ("memory",), lambda entry: entry.name.startswith(_AFTER_MEMORY)),
+        ]
 
     def encoder_output(self, records: Records) -> torch.Tensor:
         return records.tensors["encoder_layers"][-1]

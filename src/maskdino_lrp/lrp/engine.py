@@ -191,8 +191,9 @@ def multihead_attention(module: nn.MultiheadAttention, query, key, value, key_pa
     return out, weights
 
 
-def _tracker(p: _Patch) -> Callable[[str, torch.Tensor | None], torch.Tensor | None]:
-    return lambda suffix, bias: p.ledger.track("bias", f"{p.name}.{suffix}", bias)
+def _tracker(p: _Patch) -> Callable[..., torch.Tensor | None]:
+    """``track(suffix, tensor, category="bias")``: book a constant the module uses under its own name."""
+    return lambda suffix, tensor, category="bias": p.ledger.track(category, f"{p.name}.{suffix}", tensor)
 
 
 def _mha_forward(module: nn.Module, rule: Rule, p: _Patch) -> Callable:
