@@ -140,3 +140,16 @@ def test_batched_equals_one_query_at_a_time(image):
         for key, rel in batched.relevance.items():
             assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
     session.cleanup()
+
+
+def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
+    """Session.propagate through the adapter: the (bias-free, attention-constant) encoder conserves."""
+    model = tiny_detr(4)
+    zero_additive_constants(model)
+    session = LRP(model, composite="conservative").prepare(image)
+    whole = session.backward([2], "class", ["memory"])
+    back = session.propagate(whole.relevance["memory"], stops=["encoder_input"])
+    assert back["encoder_input"].sum().item() == pytest.approx(whole.relevance["memory"].sum().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="towards the input"):
+        session.propagate(whole.relevance["memory"], stops=["decoder_layers"])
+    session.cleanup()
