@@ -16,7 +16,8 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
 * **activations** ``A`` — what the LRP forward keeps for the backward, per part of the model
   (elements of the tensors it produces):
 
-  - backbone: Σ over convolutions of their output (+ the stem's max-pool and every block's sum);
+  - backbone: Σ over convolutions of their output (+ the stem's max-pool and every block's sum); for
+    Swin, of its norms, linears, GELUs, attention products and residual sums (:func:`_swin_counts`);
   - pixel decoder, outside the encoder: input projections + GroupNorm ``2·T·D``, position encoding
     ``T·D``, per FPN level ``7·D·h·w`` (lateral, norm, upsampled, sum, output conv, norm, ReLU),
     mask features ``MASK_DIM·h4·w4``;
@@ -34,8 +35,7 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
 
 * **forward peak** — on top of the held activations, the largest transient: the bilinear sampler
   of one encoder layer (``4·L·P·T·D``: gathered corners, weighted terms, stacked samples) or the
-  post-processing, which resizes all ``Q`` mask logits to the padded input and the image
-  (``2·Q·Hp·Wp``).
+  post-processing's mask resizing (bounded, see below).
 
 * **backward** — a live chain of gradients between layers, ``β`` (:data:`BETA`) × the largest
   activation the backward crosses (the bilinear samples ``L·P·T·D`` when it goes through the
@@ -209,6 +209,8 @@ def model_shapes(config: str | Path | Mapping[str, Any], image_size: int | Seque
                        "height": _ceil_div(hp, stride), "width": _ceil_div(wp, stride)})
         cout *= 2
         bottleneck *= 2
+    if get(cfg, "MODEL.BACKBONE.NAME") == "D2SwinTransformer":  # (the RESNETS section then holds defaults)
+        stages, stem = _swin_stages(cfg, hp, wp)
     by_name = {s["name"]: s for s in stages}
 
     head = get(cfg, "MODEL.SEM_SEG_HEAD")
@@ -248,9 +250,52 @@ def model_shapes(config: str | Path | Mapping[str, Any], image_size: int | Seque
     )
 
 
+def _swin_stages(cfg: Mapping[str, Any], hp: int, wp: int) -> tuple[list[dict], dict]:
+    """The Swin backbone's stages (patch 4, each patch merging halves the map, rounding up) and, as ``stem``,
+    its patch embedding."""
+    sw = get(cfg, "MODEL.SWIN")
+    embed = int(sw["EMBED_DIM"])
+    stages = []
+    for i, (blocks, heads) in enumerate(zip(sw["DEPTHS"], sw["NUM_HEADS"])):
+        stride = 4 * 2 ** i
+        stages.append({"name": f"res{i + 2}", "blocks": int(blocks), "channels": embed * 2 ** i, "bottleneck": None,
+                       "stride": stride, "height": _ceil_div(hp, stride), "width": _ceil_div(wp, stride),
+                       "window": int(sw["WINDOW_SIZE"]), "heads": int(heads), "mlp_ratio": float(sw["MLP_RATIO"])})
+    size = (_ceil_div(hp, 4), _ceil_div(wp, 4))
+    return stages, {"channels": embed, "height": size[0], "width": size[1], "pooled": size}
+
+
+def _swin_counts(s: Shapes) -> tuple[int, int, int]:
+    """(activation elements, multiply-accumulates, largest activation) of the Swin backbone.
+
+    A block on an h×w map (C channels, MLP width r·C) padded to Hp×Wp windows of N tokens, nH heads:
+    norm, linear, GELU outputs and residual sums ``h·w·(5·C + 2·r·C)``, q/k/v, attention·v and projection
+    ``5·C·Hp·Wp``, logits and probabilities ``2·nH·N·Hp·Wp``; ``Hp·Wp·(4·C² + 2·N·C) + 2·r·C²·h·w``
+    multiply-accumulates. Patch embedding (conv, norm) ``2·C·h·w`` and ``48·C·h·w`` MACs; an output norm
+    ``C·h·w`` per stage; patch merging ``1.5·C·h·w`` and ``2·C²·h·w`` MACs (h·w before merging).
+    """
+    st = s.stem
+    acts = 2 * st["channels"] * st["height"] * st["width"]
+    macs = 48 * st["channels"] * st["height"] * st["width"]
+    largest = 0
+    for i, stage in enumerate(s.backbone):
+        c, ws, hw = stage["channels"], stage["window"], stage["height"] * stage["width"]
+        hwp = _ceil_div(stage["height"], ws) * ws * _ceil_div(stage["width"], ws) * ws
+        n, hidden = ws * ws, int(c * stage["mlp_ratio"])
+        acts += stage["blocks"] * (hw * (5 * c + 2 * hidden) + hwp * (5 * c + 2 * stage["heads"] * n)) + c * hw
+        macs += stage["blocks"] * (hwp * (4 * c * c + 2 * n * c) + 2 * hidden * c * hw)
+        largest = max(largest, stage["heads"] * n * hwp, hidden * hw)
+        if i < 3:
+            acts += 3 * c * hw // 2
+            macs += 2 * c * c * hw
+    return acts, macs, largest
+
+
 # ----------------------------------------------------------------------------- element counts
 def _backbone_counts(s: Shapes) -> tuple[int, int, int]:
-    """(activation elements, multiply-accumulates, largest activation) of the ResNet."""
+    """(activation elements, multiply-accumulates, largest activation) of the ResNet (or the Swin backbone)."""
+    if s.backbone and "window" in s.backbone[0]:
+        return _swin_counts(s)
     st = s.stem
     hw2 = st["height"] * st["width"]
     hw4 = st["pooled"][0] * st["pooled"][1]
@@ -484,7 +529,7 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
     forward_bytes = int((ALPHA * (sum(breakdown.values()) - breakdown["encoder"])
                          + ALPHA_ENCODER * breakdown["encoder"]) * nbytes)
     hp, wp = s.padded_size
-    transient = max(head["sampler"], 2 * s.queries * hp * wp) * nbytes
+    transient = head["sampler"] * nbytes  # the post-processing's masks: mask_transient below
     # the live gradient chain: the largest activation on the way down to the deepest stop
     reaches_pixels = any(p in stops for p in ("pixels", "backbone"))
     reaches_encoder = reaches_pixels or any(p in stops for p in ("encoder_input", "encoder_layers"))
