@@ -15,6 +15,12 @@ over pairs, paired comparisons against lrp-default and the methods' rank stabili
 replacements (:mod:`.stats`). Each image's results are kept in a resumable store (:mod:`.parts`);
 the outputs are written by :mod:`.report`; the command line is :mod:`.args`.
 
+Cost: perturbed forwards dominate. Per pair, unit and replacement the curves take 2 + (methods + 1)
+· 2 · (steps − 1) forwards over the whole range (LIF reuses insertion's images; + 1 per order on an
+odd number of tokens), 2 + (methods + 1) · 3 · steps when ``max_fraction`` < 1; D-RISE adds 2 ·
+``n_masks`` per image (the timed call and the memory call). On the 2-core CPU machine a forward of
+the demo model takes about 45 ms; summary.md reports the run's own seconds and forwards per pair.
+
 Outputs in ``out_dir`` (each written atomically): ``results.md`` and ``results.csv`` (method ×
 metric × replacement: mean, CI, N), ``paired.csv``, ``stability.md`` / ``stability.csv``,
 ``pairs.csv`` (every pair × method, raw), ``curves.csv`` and ``curves_<unit><replacement>.png``,
