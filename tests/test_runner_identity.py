@@ -200,6 +200,22 @@ def test_newer_manifest_is_refused(tmp_path):
         r.load_manifest()
 
 
+def test_progress_inside_an_image(tmp_path, caplog):
+    """The forward and every backward pass are reported (log lines; the bar uses the same calls)."""
+    from maskdino_lrp.analysis.runner import LRPOptions
+
+    r = BatchExplainer("tiny", tmp_path / "out", queries="0,1,2", options=LRPOptions(chunk_size=1), formats=("csv",),
+                       progress=False, report=False)
+    with caplog.at_level(logging.DEBUG, logger="maskdino_lrp.analysis.runner"):
+        results = list(r.run([png(tmp_path / "a.png", size=96)]))
+    assert [x.status for x in results] == ["done"]
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert any("a.png: LRP forward" in m for m in messages)
+    assert any("backward for 3 target(s) in 3 pass(es)" in m for m in messages)
+    passes = [m for m in messages if "backward pass" in m]
+    assert [m.split("backward pass ")[1].split(" ")[0] for m in passes] == ["1/3", "2/3", "3/3"]
+
+
 # ----------------------------------------------------------------------------- the lock
 _HOLD = r"""
 import sys, time

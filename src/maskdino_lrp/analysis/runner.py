@@ -310,7 +310,10 @@ def check_inputs(inputs: Sequence[str | os.PathLike]) -> None:
             raise RunError(f"image file not found: {path}")
         if path.is_dir():
             if next(_walk(path), None) is None:
-                raise RunError(f"no images found in folder {path} (looked for {' '.join(image_extensions())})")
+                exts = image_extensions()
+                raise RunError(f"no images found in folder {path} (looked for the formats PIL opens: "
+                               f"{' '.join(e for e in IMAGE_EXTENSIONS + ('.gif',) if e in exts)} and "
+                               f"{len(exts) - len(IMAGE_EXTENSIONS) - 1} more)")
             continue
         try:
             with Image.open(path) as im:
