@@ -116,6 +116,69 @@ def _attribute_all(ctx: ImageContext, prepared: Any, pairs: list[Pair], part: di
     return done
 
 
+@dataclass
+class _PerturbationInputs:
+    """What every pair of one image perturbs: the pixel image and its neutral images, the shared encoder
+    tokens and their neutral tokens, per replacement."""
+
+    image: torch.Tensor
+    neutrals: dict[str, torch.Tensor]
+    tokens: Any  # M.TokenFeatures or None
+    token_neutrals: dict[str, torch.Tensor]
+    padded_size: tuple[int, int]
+
+    @classmethod
+    def build(cls, model: Any, prepared: Any, settings: EvalSettings, index: int) -> "_PerturbationInputs":
+        image = _pixel_image(model, prepared)
+        neutrals = {r: M.make_replacement(r, settings.blur_sigma, _seed(settings.seed, index, 3))(image)
+                    for r in settings.replacements}
+        tokens = M.TokenFeatures(model, prepared.tensor) if "tokens" in settings.units else None
+        token_neutrals = {r: tokens.neutral(r, settings.blur_sigma, _seed(settings.seed, index, 4))
+                          for r in settings.replacements} if tokens is not None else {}
+        return cls(image, neutrals, tokens, token_neutrals, tuple(prepared.tensor.shape[-2:]))
+
+    def probe(self, unit: str, replacement: str, model: Any, pair: Pair, box: torch.Tensor,
+              pixel_scorer: Any, rng: np.random.Generator) -> tuple[CurveProbe, np.ndarray]:
+        """The pair's probe in one unit and replacement, and a random removal order of the same kind."""
+        if unit == "pixels":
+            probe = CurveProbe(unit, replacement, pixel_scorer, self.image, self.neutrals[replacement])
+            return probe, M.relevance_order(rng.random(self.image.shape[-2:]))
+        scorer = M.TokenScore(model, self.tokens, pair.query, pair.label, box, neutral=self.token_neutrals[replacement])
+        keep = torch.ones(1, 1, self.tokens.num_tokens)
+        probe = CurveProbe(unit, replacement, scorer, keep, torch.zeros_like(keep), self.tokens.shapes)
+        return probe, M.level_balanced_order(rng.random(probe.size), self.tokens.shapes)
+
+
+def _pair_curves(k: int, pair: Pair, box: torch.Tensor, attributions: dict[str, tuple], inputs: _PerturbationInputs,
+                 ctx: ImageContext, part: dict[str, Any], pair_rows: dict[str, dict]) -> None:
+    """Every curve of pair ``k`` (per unit and replacement, all methods' orders and the random one together):
+    the curves go into ``part``, the faithfulness metrics into each method's row of ``pair_rows``."""
+    settings = ctx.settings
+    fractions = M.perturbation_fractions(settings.steps, settings.max_fraction)
+    pixel_scorer = M.DetectorScore(ctx.model, pair.query, pair.label, box)
+    for u, unit in enumerate(settings.units):
+        prefix = "" if unit == "pixels" else "token_"
+        for replacement in settings.replacements:
+            # the same random order under every replacement, so their baselines differ only by the replacement
+            rng = np.random.default_rng([settings.seed, part["image"], k, 1 + u])
+            probe, random_order = inputs.probe(unit, replacement, ctx.model, pair, box, pixel_scorer, rng)
+            orders = {RANDOM_ORDER: random_order}
+            for name, (attribution, _, _) in attributions.items():
+                tokens = attribution.tokens[k] if attribution.tokens is not None else None
+                orders[name] = probe.order(attribution.maps[k], tokens, settings.seed, inputs.padded_size)
+            counts = curve_counts(probe.size, settings.steps, settings.max_fraction)
+            curves = probe.curves(orders, counts, MODES, settings.batch_size)
+            part["forwards"] += probe.forwards
+            baseline = {mode: M.area_under_curve(curves[RANDOM_ORDER][mode][:, 0], fractions) for mode in MODES}
+            for name, by_mode in curves.items():
+                for mode, scores in by_mode.items():
+                    part["curves"].setdefault(name, {}).setdefault(f"{prefix}{mode}@{replacement}", []).append(
+                        scores[:, 0].tolist())
+                if name in pair_rows:
+                    found = probe.metrics(by_mode, fractions, settings.aopc_steps, baseline)
+                    pair_rows[name].update({column(key, replacement): v for key, v in found.items()})
+
+
 def evaluate_image(index: int, ctx: ImageContext) -> dict[str, Any]:
     """Everything one image contributes: metric rows, curves, failures, notes and cost (JSON-ready)."""
     from ..data.shapes import generate_sample
@@ -146,13 +209,7 @@ def evaluate_image(index: int, ctx: ImageContext) -> dict[str, Any]:
     part["method_seconds"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    image = _pixel_image(model, prepared)
-    neutrals = {r: M.make_replacement(r, settings.blur_sigma, _seed(settings.seed, index, 3))(image)
-                for r in settings.replacements}
-    shared_tokens = M.TokenFeatures(model, prepared.tensor) if "tokens" in settings.units else None
-    token_neutrals = {r: shared_tokens.neutral(r, settings.blur_sigma, _seed(settings.seed, index, 4))
-                      for r in settings.replacements} if shared_tokens is not None else {}
-    fractions = M.perturbation_fractions(settings.steps, settings.max_fraction)
+    inputs = _PerturbationInputs.build(model, prepared, settings, index)
     rows = []
     for k, pair in enumerate(pairs):
         pair_rows = {}
@@ -164,37 +221,7 @@ def evaluate_image(index: int, ctx: ImageContext) -> dict[str, Any]:
             row["seconds"] = attribution.seconds_per_map
             row["peak_memory_mib"] = peak
             pair_rows[name] = row
-        box = outputs["pred_boxes"][0, pair.query]
-        pixel_scorer = M.DetectorScore(model, pair.query, pair.label, box)
-        for unit in settings.units:
-            prefix = "" if unit == "pixels" else "token_"
-            for replacement in settings.replacements:
-                if unit == "pixels":
-                    probe = CurveProbe(unit, replacement, pixel_scorer, image, neutrals[replacement])
-                    noise = np.random.default_rng([settings.seed, index, k, 1]).random(probe.size)
-                    random_order = M.relevance_order(noise.reshape(image.shape[-2:]))
-                else:
-                    scorer = M.TokenScore(model, shared_tokens, pair.query, pair.label, box,
-                                          neutral=token_neutrals[replacement])
-                    keep = torch.ones(1, 1, shared_tokens.num_tokens)
-                    probe = CurveProbe(unit, replacement, scorer, keep, torch.zeros_like(keep), shared_tokens.shapes)
-                    noise = np.random.default_rng([settings.seed, index, k, 2]).random(probe.size)
-                    random_order = M.level_balanced_order(noise, shared_tokens.shapes)
-                orders = {RANDOM_ORDER: random_order}
-                for name, (attribution, _, _) in attributions.items():
-                    tokens = attribution.tokens[k] if attribution.tokens is not None else None
-                    orders[name] = probe.order(attribution.maps[k], tokens, settings.seed, prepared.tensor.shape[-2:])
-                counts = curve_counts(probe.size, settings.steps, settings.max_fraction)
-                curves = probe.curves(orders, counts, MODES, settings.batch_size)
-                part["forwards"] += probe.forwards
-                baseline = {mode: M.area_under_curve(curves[RANDOM_ORDER][mode][:, 0], fractions) for mode in MODES}
-                for name, by_mode in curves.items():
-                    for mode, scores in by_mode.items():
-                        part["curves"].setdefault(name, {}).setdefault(f"{prefix}{mode}@{replacement}", []).append(
-                            scores[:, 0].tolist())
-                    if name in pair_rows:
-                        found = probe.metrics(by_mode, fractions, settings.aopc_steps, baseline)
-                        pair_rows[name].update({column(key, replacement): v for key, v in found.items()})
+        _pair_curves(k, pair, outputs["pred_boxes"][0, pair.query], attributions, inputs, ctx, part, pair_rows)
         rows.extend(pair_rows.values())
     part["curve_seconds"] = time.perf_counter() - t0
     part["records"] = [{key: float(v) if isinstance(v, (np.floating, np.integer)) else v for key, v in row.items()}
