@@ -382,7 +382,7 @@ def test_paired_difference():
 
 
 def test_hungarian_matching_of_detections():
-    from maskdino_lrp.eval.run import match_detections
+    from maskdino_lrp.eval.matching import match_detections
 
     det = SimpleNamespace(
         query_indices=torch.tensor([4, 7, 4, 9]), labels=torch.tensor([1, 0, 2, 0]),
@@ -399,7 +399,7 @@ def test_hungarian_matching_of_detections():
 
 
 def test_paired_comparison_by_hand():
-    from maskdino_lrp.eval.run import paired_comparison
+    from maskdino_lrp.eval.stats import paired_comparison
 
     records = []
     for image, (ours, theirs) in enumerate([(0.1, 0.3), (0.2, 0.3), (0.3, 0.6)]):
