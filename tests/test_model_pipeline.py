@@ -31,7 +31,8 @@ def test_config_forms_agree(tmp_path):
 @pytest.mark.parametrize("config,overrides,message", [
     ({"MODEL": {"MaskDINO": {"DEC_LAYER": 3}}}, None, "unknown config key 'MODEL.MaskDINO.DEC_LAYER'; did you mean 'MODEL.MaskDINO.DEC_LAYERS'"),
     ("tiny", {"MODEL.MaskDINO.INITIALIZE_BOX_TYPE": "boxes"}, "INITIALIZE_BOX_TYPE='boxes' is not supported"),
-    ("tiny", {"MODEL.BACKBONE.NAME": "D2SwinTransformer"}, "MODEL.BACKBONE.NAME='D2SwinTransformer' is not supported"),
+    ("tiny", {"MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone"},
+     "MODEL.BACKBONE.NAME='build_resnet_fpn_backbone' is not supported"),
     ("tiny", {"MODEL.MaskDINO.DEC_LAYERS": 0}, "DEC_LAYERS=0 must be a positive integer"),
     ("no_such_preset", None, "neither a file nor a preset"),
 ])

@@ -36,6 +36,7 @@ __all__ = [
     "BottleneckBlock",
     "ResNet",
     "build_resnet_backbone",
+    "build_backbone",
 ]
 
 BLOCKS_PER_STAGE = {
@@ -209,9 +210,9 @@ class BottleneckBlock(_Block):
         return F.relu(out + residual)
 
 
-def _positive_int(value: Any, key: str) -> int:
+def _positive_int(value: Any, key: str, section: str = "RESNETS") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"MODEL.RESNETS.{key}={value!r} must be a positive integer")
+        raise ValueError(f"MODEL.{section}.{key}={value!r} must be a positive integer")
     return value
 
 
@@ -340,3 +341,15 @@ def build_resnet_backbone(cfg: Mapping[str, Any], in_channels: int = 3) -> ResNe
                   res2_out_channels=r["RES2_OUT_CHANNELS"], num_groups=r["NUM_GROUPS"],
                   width_per_group=r["WIDTH_PER_GROUP"], stride_in_1x1=stride_in_1x1,
                   res5_dilation=r["RES5_DILATION"], norm=r["NORM"], out_features=r["OUT_FEATURES"])
+
+
+def build_backbone(cfg: Mapping[str, Any], in_channels: int = 3) -> nn.Module:
+    """The backbone MODEL.BACKBONE.NAME names: ``build_resnet_backbone`` (the default) or ``D2SwinTransformer``."""
+    name = cfg.get("MODEL", {}).get("BACKBONE", {}).get("NAME", "build_resnet_backbone")
+    if name == "build_resnet_backbone":
+        return build_resnet_backbone(cfg, in_channels)
+    if name == "D2SwinTransformer":
+        from .swin import build_swin_backbone  # swin.py imports this module
+
+        return build_swin_backbone(cfg, in_channels)
+    raise ValueError(f"MODEL.BACKBONE.NAME={name!r} is not supported; use build_resnet_backbone or D2SwinTransformer")

@@ -7,7 +7,8 @@ from the model's is reported and left out, never reshaped.
 
 Pickles are never unpickled with full trust by default: ``.pth`` goes through
 ``torch.load(weights_only=True)`` (numpy arrays and scalars allowed), ``.pkl`` through an unpickler that
-can only rebuild numpy arrays and plain containers.
+can only rebuild numpy arrays, torch tensors (their storages read with ``weights_only=True``) and plain
+containers.
 """
 from __future__ import annotations
 
@@ -63,15 +64,31 @@ _PICKLE_ALLOWED = {
 }
 
 
+def _storage_from_bytes(data: bytes) -> Any:
+    """The storage of a tensor that plain ``pickle`` wrote, read by ``torch.load(weights_only=True)`` instead of
+    ``torch.storage._load_from_bytes`` (which trusts the bytes)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# Torch tensors in a plain pickle: the official tools/convert-pretrained-swin-model-to-d2.py pickles the
+# Swin state dict's tensors as they are (detectron2's ResNet .pkl files hold numpy arrays).
+_PICKLE_TORCH = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+}
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays, numpy scalars and plain containers; refuses every other global."""
+    """Rebuilds numpy arrays, numpy scalars, torch tensors and plain containers; refuses every other global."""
 
     def find_class(self, module: str, name: str) -> Any:
         module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # Python 2 pickles
+        if (module, name) in _PICKLE_TORCH:
+            return _PICKLE_TORCH[module, name]
         allowed = (module, name) in _PICKLE_ALLOWED or (module == "numpy.dtypes" and name.endswith("DType"))
         if not allowed:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (only numpy arrays and plain "
-                                         "containers are allowed in a .pkl checkpoint)")
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (only numpy arrays, torch tensors "
+                                         "and plain containers are allowed in a .pkl checkpoint)")
         return super().find_class(_numpy_module(module), name)
 
 

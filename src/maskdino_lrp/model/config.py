@@ -50,6 +50,26 @@ DEFAULTS: dict[str, Any] = {
             "DEFORM_MODULATED": False,
             "DEFORM_NUM_GROUPS": 1,
         },
+        # D2SwinTransformer (maskdino/config.py). The drop rates only act in training and USE_CHECKPOINT
+        # only saves memory there: accepted, without effect on the eval-mode numbers.
+        "SWIN": {
+            "PRETRAIN_IMG_SIZE": 224,
+            "PATCH_SIZE": 4,
+            "EMBED_DIM": 96,
+            "DEPTHS": [2, 2, 6, 2],
+            "NUM_HEADS": [3, 6, 12, 24],
+            "WINDOW_SIZE": 7,
+            "MLP_RATIO": 4.0,
+            "QKV_BIAS": True,
+            "QK_SCALE": None,
+            "DROP_RATE": 0.0,
+            "ATTN_DROP_RATE": 0.0,
+            "DROP_PATH_RATE": 0.3,
+            "APE": False,
+            "PATCH_NORM": True,
+            "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
+            "USE_CHECKPOINT": False,
+        },
         "SEM_SEG_HEAD": {
             "NAME": "MaskDINOHead",
             "IN_FEATURES": ["res2", "res3", "res4", "res5"],
@@ -136,16 +156,19 @@ DEFAULTS: dict[str, Any] = {
 IGNORED_PREFIXES = (
     "SOLVER", "DATASETS", "DATALOADER", "VERSION", "OUTPUT_DIR", "SEED", "CUDNN_BENCHMARK",
     "GLOBAL", "Default_loading", "VIS_PERIOD", "TEST.AUG", "TEST.EVAL_PERIOD", "TEST.EXPECTED_RESULTS",
-    "TEST.PRECISE_BN", "TEST.KEYPOINT_OKS_SIGMAS", "INPUT.", "MODEL.SWIN", "MODEL.FOCAL", "MODEL.LOAD_PROPOSALS",
+    "TEST.PRECISE_BN", "TEST.KEYPOINT_OKS_SIGMAS", "INPUT.", "MODEL.FOCAL", "MODEL.LOAD_PROPOSALS",
     "MODEL.MASK_ON", "MODEL.KEYPOINT_ON", "MODEL.ANCHOR_GENERATOR", "MODEL.PROPOSAL_GENERATOR", "MODEL.RPN",
     "MODEL.ROI_HEADS", "MODEL.ROI_BOX_HEAD", "MODEL.ROI_MASK_HEAD", "MODEL.FPN", "MODEL.PANOPTIC_FPN",
     "MODEL.RETINANET", "MODEL.ROI_KEYPOINT_HEAD", "MODEL.ROI_BOX_CASCADE_HEAD",
 )
 
+# The backbones the port builds (MODEL.BACKBONE.NAME) and the section holding each one's keys.
+BACKBONE_SECTIONS = {"build_resnet_backbone": "RESNETS", "D2SwinTransformer": "SWIN"}
+
 # Values the port supports, checked after merging; anything else is a ConfigError naming the key.
 CHOICES: dict[str, tuple] = {
     "MODEL.META_ARCHITECTURE": ("MaskDINO",),
-    "MODEL.BACKBONE.NAME": ("build_resnet_backbone",),
+    "MODEL.BACKBONE.NAME": tuple(BACKBONE_SECTIONS),
     "MODEL.RESNETS.DEPTH": (18, 34, 50, 101),
     "MODEL.RESNETS.NORM": ("FrozenBN", "BN", "SyncBN", "GN"),
     "MODEL.SEM_SEG_HEAD.NAME": ("MaskDINOHead",),
@@ -310,8 +333,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
         value = get(cfg, f"MODEL.{name}")
         if len(value) != 3:
             raise ConfigError(f"MODEL.{name} must have 3 values (one per RGB channel), got {value!r}")
-    missing = set(head["IN_FEATURES"]) - set(get(cfg, "MODEL.RESNETS.OUT_FEATURES"))
+    out_features = f"MODEL.{BACKBONE_SECTIONS[get(cfg, 'MODEL.BACKBONE.NAME')]}.OUT_FEATURES"
+    missing = set(head["IN_FEATURES"]) - set(get(cfg, out_features))
     if missing:
         raise ConfigError(
-            f"MODEL.SEM_SEG_HEAD.IN_FEATURES needs {sorted(missing)} which MODEL.RESNETS.OUT_FEATURES does not produce"
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES needs {sorted(missing)} which {out_features} does not produce"
         )

@@ -147,15 +147,16 @@ class MaskDINO(nn.Module):
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
-        from .backbone import build_resnet_backbone
+        from .backbone import build_backbone
         from .head import build_sem_seg_head
 
         self.cfg = cfg
-        self.backbone = build_resnet_backbone(cfg)
+        self.backbone = build_backbone(cfg)
         self.sem_seg_head = build_sem_seg_head(cfg, self.backbone.output_shape())
         self.register_buffer("pixel_mean", torch.tensor(get(cfg, "MODEL.PIXEL_MEAN"), dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(get(cfg, "MODEL.PIXEL_STD"), dtype=torch.float32).view(-1, 1, 1), False)
-        self.size_divisibility = int(get(cfg, "MODEL.MaskDINO.SIZE_DIVISIBILITY"))
+        divisibility = int(get(cfg, "MODEL.MaskDINO.SIZE_DIVISIBILITY"))  # official: negative → the backbone's
+        self.size_divisibility = divisibility if divisibility >= 0 else self.backbone.size_divisibility
         self.input_format = get(cfg, "INPUT.FORMAT")
         self.min_size_test = int(get(cfg, "INPUT.MIN_SIZE_TEST"))
         self.max_size_test = int(get(cfg, "INPUT.MAX_SIZE_TEST"))
