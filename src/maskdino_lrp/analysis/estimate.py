@@ -70,9 +70,10 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
 stops pixels, encoder_input, memory) on ``tiny``, ``demo``, ``maskdino_r50_3s_coco`` and the
 official-style 4-scale config (``benchmarks/maskdino_r50_4s.yaml``) at small and large inputs and on
 3000×2000 photos: ``python benchmarks/estimate_vs_measured.py [--large]`` runs each case in its own
-process and prints estimate, measured peak and their ratio. Measured / estimated on 2026-12-02 (2 threads):
-tiny, demo 0.97–1.17 (128–160 px and 3000×2000 photos), 3-scale 1.04 at 320 px and 0.93 at 800 px,
-4-scale 1.02 at 320 px and 1.17 at 512 px (10.3 GB measured).
+process and prints estimate, measured peak and their ratio. Measured / estimated (2 threads, PNGs on):
+tiny 0.99 / 1.04 and demo 1.02 / 1.02 (128–160 px / 3000×2000 photos), 3-scale 1.02 at 320 px, 0.99 on
+a 3000×2000 photo at 320 px, 1.02 at 800 px (7.8 GB), 4-scale 1.11 at 320 px and 1.07 at 512 px (9.5 GB);
+repeated runs of one case differ by up to ~10 % (allocator, load).
 The time factors were measured on ``tiny`` and ``maskdino_r50_3s_coco``; times depend on the machine's
 load and thread count (the probe measures them as they are now).
 """
