@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from maskdino_lrp.analysis.estimate import model_shapes
-from maskdino_lrp.analysis.export import (explanation_to_csv, plot_explanation, remove_stale_temp_files,
-                                          save_explanation, token_relevance)
+from maskdino_lrp.analysis.export import (explanation_to_csv, load_detection_mask, plot_explanation,
+                                          remove_stale_temp_files, save_explanation, token_relevance)
 from maskdino_lrp.fileio import atomic_open, atomic_write_text
 from maskdino_lrp.analysis.render import write_report
 from maskdino_lrp.analysis.validate import distribution_statistics, validate
@@ -146,7 +146,10 @@ def test_npz_round_trip_and_metadata(saved):
     with np.load(folder / "q007_relevance.npz") as data:
         for key, value in expl.relevance.items():
             np.testing.assert_array_equal(data[key], value[1].numpy())
-        assert data["detection_mask"].dtype == bool and data["detection_mask"].sum() == expl.detections[1]["mask"].sum()
+        # the detection's mask is stored as COCO RLE at the image size and decodes to exactly the mask
+        assert "detection_mask" not in data.files and data["detection_mask_size"].tolist() == [32, 48]
+    np.testing.assert_array_equal(load_detection_mask(folder / "q007_relevance.npz"), expl.detections[1]["mask"])
+    np.testing.assert_array_equal(load_detection_mask(folder / "q007_meta.json"), expl.detections[1]["mask"])
     meta = json.loads((folder / "q007_meta.json").read_text())
     assert meta["query"] == 7 and meta["class"] == "square" and meta["composite"] == "default"
     assert meta["box"] == [10.0, 6.0, 31.0, 20.0] and meta["score"] == pytest.approx(0.7)
@@ -321,6 +324,9 @@ def check_report(run_dir: Path) -> _Links:
     assert "table" in parser.tags and "img" in parser.tags
     assert parser.links
     for link in parser.links:
+        if link.startswith("#"):  # in-page: an enlarged view (or "#_", which closes it)
+            assert link == "#_" or f'id="{link[1:]}"' in text, link
+            continue
         assert "://" not in link and not link.startswith("/"), link  # relative only: opens from disk
         assert (run_dir / unquote(link)).is_file(), link
     return parser

@@ -116,7 +116,9 @@ def test_missing_unexpected_and_mismatch_are_reported_and_strict_raises():
     assert "backbone.0.weight: checkpoint [4, 3, 5, 5] vs model [4, 3, 3, 3]" in message
     assert not torch.equal(dst.head.weight, src.head.weight)  # strict failure leaves the model untouched
 
-    report = load_checkpoint(dst, state)
+    with pytest.raises(CheckpointError):  # strict is the default
+        load_checkpoint(dst, state)
+    report = load_checkpoint(dst, state, strict=False)  # a partial load, asked for
     assert not report.ok
     assert report.missing == ["backbone.1.running_var"]
     assert report.unexpected == ["head.extra"]
@@ -138,10 +140,12 @@ def test_ddp_prefix_prefix_map_and_dtype():
     assert any("module." in n for n in report.notes) and any("float16" in n for n in report.notes)
 
     bare = {k[len("backbone."):]: v for k, v in src.state_dict().items() if k.startswith("backbone.")}
-    report = load_checkpoint(Tiny(), bare)
+    with pytest.raises(CheckpointError, match=r"try prefix_map=\{'': 'backbone.'\}"):  # the hint is in the error
+        load_checkpoint(Tiny(), bare)
+    report = load_checkpoint(Tiny(), bare, strict=False)
     assert not report.loaded and any("prefix_map={'': 'backbone.'}" in n for n in report.notes)
     dst = Tiny()
-    report = load_checkpoint(dst, bare, prefix_map={"": "backbone."})
+    report = load_checkpoint(dst, bare, strict=False, prefix_map={"": "backbone."})
     assert set(report.missing) == {"head.weight", "head.bias", "shared.weight", "shared.bias"}
     assert torch.equal(dst.backbone[0].weight, src.backbone[0].weight)
 

@@ -1,7 +1,6 @@
 """maskdino-lrp: Layer-wise Relevance Propagation for MaskDINO, in pure PyTorch."""
 from __future__ import annotations
 
-import logging
 import os
 
 from .model.config import ConfigError, load_config, preset_names
@@ -15,5 +14,7 @@ __all__ = [
     "load_config", "load_weights", "preset_names",
 ]
 
-if os.environ.get("LOGLEVEL"):
-    logging.basicConfig(level=os.environ["LOGLEVEL"].upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+if os.environ.get("LOGLEVEL"):  # this package's loggers only; a bad value is a one-line warning
+    from .logsetup import configure_from_environment
+
+    configure_from_environment(os.environ["LOGLEVEL"])

@@ -6,6 +6,7 @@ not be explained); 2 bad input (arguments, config, checkpoint, images, output fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="CFG",
                    help="preset name (tiny, maskdino_r50_3s_coco, …) or an official MaskDINO YAML")
     p.add_argument("--checkpoint", metavar="CKPT", help="weights: official .pth / detectron2 .pkl / .safetensors "
-                   "(without: random weights, seeded by --seed)")
+                   "(without: a preset's shipped weights, e.g. demo's, else random weights seeded by --seed, "
+                   "with a warning)")
+    p.add_argument("--partial-load", action="store_true",
+                   help="load a checkpoint that does not fit the model (missing / unexpected / other-shape keys) "
+                   "partially instead of refusing it; the rest keeps random weights")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; a rerun resumes in it)")
     p.add_argument("--queries", default="topk:5", metavar="SPEC",
                    help="which queries: topk:N (best N detections), thr:0.5 (score threshold), 3,7 (query indices) "
@@ -178,7 +183,8 @@ def _cmd_explain(args) -> int:
     from .analysis.runner import BatchExplainer, LRPOptions, check_inputs, check_output_folder
     from .lrp.composites import get_composite
     from .lrp.targets import get_target, parse_queries
-    from .model.config import load_config
+    from .model.checkpoint import shipped_weights
+    from .model.config import check_instance_task, load_config
 
     # every check that needs no model first, cheapest first
     parse_queries(args.queries)
@@ -190,20 +196,25 @@ def _cmd_explain(args) -> int:
         raise CliError(f"unknown output format {(bad or [''])[0]!r}; choose from {', '.join(FORMATS)} or all")
     options = LRPOptions(chunk_size=args.chunk_size, stops=args.stops, keep_channels=args.keep_channels,
                          dtype=args.dtype, memory_budget_gb=args.memory_budget)
-    load_config(args.config)
+    check_instance_task(load_config(args.config), warn=False, source=args.config)  # before any work
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise CliError(f"checkpoint not found: {args.checkpoint}")
+    checkpoint = args.checkpoint
+    if checkpoint is None and shipped_weights(args.config) is not None:
+        checkpoint = str(shipped_weights(args.config))  # a preset that ships weights uses them
+        log.info("using the weights shipped with preset %s: %s", args.config, checkpoint)
     check_inputs(args.images)
     check_output_folder(args.out)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    runner = BatchExplainer(args.config, args.out, checkpoint=args.checkpoint, queries=args.queries,
+    runner = BatchExplainer(args.config, args.out, checkpoint=checkpoint, queries=args.queries,
                             target=args.target, composite=args.composite, options=options, formats=formats,
-                            seed=args.seed, progress=not args.no_progress)
+                            seed=args.seed, progress=not args.no_progress, strict=not args.partial_load)
     runner.load_manifest()  # a folder with other settings is an input error, before the model is built
     runner.check_lock()  # a folder another run is writing: refused before the model is built
+    _ = runner.model  # built before any image: an unfit checkpoint is one error, random weights one warning
     counts = runner.run_all(args.images)
     print(f"{counts['done']} image(s) explained ({counts['queries']} queries), {counts['skipped']} already done, "
           f"{counts['failed']} failed; report: {os.path.join(args.out, 'report.html')}")
@@ -296,17 +307,11 @@ def _cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose else None
-    env = os.environ.get("LOGLEVEL", "").upper()
-    if level is None and env:
-        level = getattr(logging, env, None) if isinstance(getattr(logging, env, None), int) else None
-    if level is None:
-        return
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    root.setLevel(level)
+def _logging(verbose: int):
+    """Log levels for one command: ``-v`` or LOGLEVEL, for the maskdino_lrp loggers only (see logsetup)."""
+    from .logsetup import configured
+
+    return configured(verbose, os.environ.get("LOGLEVEL"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -316,11 +321,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .lrp.composites import RuleError
     from .lrp.engine import EngineError
     from .lrp.targets import TargetError
+    from .model.checkpoint import CheckpointError
     from .model.config import ConfigError
     from .model.maskdino import ImageError
 
-    return (CliError, ConfigError, ImageError, TargetError, RuleError, EngineError, RunError, ExportError,
-            EstimateError, FileNotFoundError)
+    return (CliError, ConfigError, ImageError, CheckpointError, TargetError, RuleError, EngineError, RunError,
+            ExportError, EstimateError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -337,16 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             globals_.append(rest[0])
             rest = rest[1:]
         if rest and rest[0] in _PASS_THROUGH:
-            _setup_logging(verbose)
-            return _PASS_THROUGH[rest[0]](rest[1:])
+            # train / evaluate set up their own progress logging: only -v / LOGLEVEL override it
+            with _logging(verbose) if verbose or os.environ.get("LOGLEVEL") else contextlib.nullcontext():
+                return _PASS_THROUGH[rest[0]](rest[1:])
         args = build_parser().parse_args(argv)
-        _setup_logging(getattr(args, "verbose", 0) or verbose)
         if args.command is None:
             build_parser().print_help()
             return 2
         handler = {"explain": _cmd_explain, "validate": _cmd_validate, "estimate": _cmd_estimate,
                    "demo": _cmd_demo}[args.command]
-        return handler(args)
+        with _logging(getattr(args, "verbose", 0) or verbose):
+            return handler(args)
     except errors as exc:
         if debug:
             traceback.print_exc()

@@ -18,7 +18,8 @@ def load_demo_model(weights: str | Path | None = None):
     path = Path(weights) if weights else WEIGHTS
     if path.is_file():
         return build_model("demo", checkpoint=path, strict=True), True
-    log.warning("demo weights %s not found: using random weights, the explanations will mean nothing", path)
+    log.warning("demo weights %s not found: using random weights (torch seed 0); the explanations say nothing "
+                "about a trained model", path)
     import torch
 
     torch.manual_seed(0)  # the same random model every time
@@ -50,7 +51,7 @@ def run(out_dir: str | Path = "demo-output", seed: int | None = None, top: int =
     print(detections if len(detections) <= 8 else "\n".join(str(detections).splitlines()[:9]))
     expl = LRP(model, composite=composite).explain(sample.image, queries=f"topk:{top}", target="class",
                                                    stops=DEMO_STOPS)
-    save_explanation(expl, out, image_name)
+    save_explanation(expl, out, image_name, extra=model.weights_info())  # random_weights in summary.json and report
     report = write_report(out)
     print("\nconservation (target = relevance at the cut + bias + embeddings + positional + residual):")
     print(expl.conservation_table())

@@ -9,13 +9,20 @@ Layout of :func:`save_explanation` (``out_dir/<image_name>/``), one set of files
   the unnormalised relevance;
 - ``qNNN_layers.csv``: the target value and every stop's relevance sum (also ``encoder_layer<i>`` /
   ``decoder_layer<i>`` where requested), positive / negative / absolute mass, fraction of the target;
-- ``qNNN_relevance.npz``: every stop's raw array (unnormalised), channel relevance if kept, the
-  detection's mask;
-- ``qNNN_meta.json``: image, query, class, scores, box, target value, conservation figures per cut,
-  composite, levels, the files above;
+- ``qNNN_relevance.npz``: every stop's raw array (unnormalised; ``pixels`` at the model input's
+  resolution, ``input_size``, not the photo's), channel relevance if kept, and the detection's mask as
+  COCO compressed RLE at the image size: ``detection_mask_rle`` (the counts string) and
+  ``detection_mask_size`` (H, W) — :func:`load_detection_mask` decodes it;
+- ``qNNN_meta.json``: image, query, class, scores, box, mask area and mask RLE (``mask_rle``, the COCO
+  ``{"size", "counts"}`` form), target value, conservation figures per cut, composite, levels, the
+  files above;
 - ``qNNN_pixels.png`` / ``qNNN_tokens_<stop>.png`` (format ``png``, see :mod:`.render`) and
-  ``image.png``;
+  ``image.png`` (the input, longest side at most :data:`~.render.IMAGE_MAX_SIDE` px: ``display_size``
+  in the summary);
 - ``summary.json`` for the image, written last: an image folder with a summary is complete.
+
+Nothing here is allocated at the photo's size times the number of queries: masks stay RLE, pixel
+relevance stays at the model input's size, and images are rendered at a bounded size (see :mod:`.render`).
 
 Every file is written atomically: to a temporary file in the same folder, then ``os.replace``, so an
 interrupted run never leaves a half-written file under a final name (only ``.*.tmp`` files, which
@@ -40,7 +47,7 @@ import torch
 FORMATS = ("csv", "npz", "png")
 DEFAULT_FORMATS = FORMATS
 SUMMARY = "summary.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: detection masks as COCO RLE (was a full-size bool array), pixel maps at input size
 _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 _TOKEN_STOP_RE = re.compile(r"^(encoder_input|encoder_layer\d+|memory)$")
 
@@ -246,6 +253,30 @@ def conservation_for(expl, k: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def compact_mask(mask: Any):
+    """A detection's mask as :class:`~maskdino_lrp.model.masks.CompactMask` (from RLE, COCO dict or dense array)."""
+    from ..model.masks import CompactMask
+
+    return CompactMask.coerce(mask)
+
+
+def load_detection_mask(path: str | os.PathLike) -> np.ndarray | None:
+    """The dense (H, W) bool detection mask stored in a ``qNNN_relevance.npz`` or ``qNNN_meta.json``
+    (COCO RLE; format version 1's full-size ``detection_mask`` array is read as it is); None if absent."""
+    from ..model.masks import CompactMask
+
+    path = Path(path)
+    if path.suffix == ".json":
+        rle = json.loads(path.read_text()).get("mask_rle")
+        return None if rle is None else CompactMask.from_coco(rle).decode()
+    with np.load(path, allow_pickle=False) as data:
+        if "detection_mask_rle" in data.files:
+            return CompactMask(data["detection_mask_size"].tolist(), str(data["detection_mask_rle"])).decode()
+        if "detection_mask" in data.files:
+            return np.asarray(data["detection_mask"], dtype=bool)
+    return None
+
+
 def _levels(expl) -> list[dict]:
     return [{"name": lv.name, "stride": lv.stride, "height": lv.height, "width": lv.width, "start": lv.start}
             for lv in expl.levels]
@@ -286,18 +317,22 @@ def save_explanation(expl, out_dir: str | os.PathLike, image_name: str | None = 
     common = {
         "image": name, "source": str(source) if source is not None else expl.meta.get("source"),
         "image_size": list(expl.image.shape[:2]), "input_size": list(expl.input_size),
+        "pixels_size": list(expl.relevance["pixels"].shape[1:]) if "pixels" in expl.relevance else None,
         "composite": expl.composite, "target": expl.target, "stops": list(expl.relevance),
         "levels": _levels(expl),
     }
     if "png" in formats:
         from .render import save_image
 
-        save_image(expl.image, folder / "image.png")
+        from .render import IMAGE_MAX_SIDE, display_size
+
+        save_image(expl.image, folder / "image.png", max_side=IMAGE_MAX_SIDE)
+        common["display_size"] = list(display_size(*expl.image.shape[:2], IMAGE_MAX_SIDE))
         files.append("image.png")
     for k, query in enumerate(expl.queries.tolist()):
         prefix = query_prefix(query, used)
         det = dict(expl.detections[k]) if k < len(expl.detections) else {"query": query}
-        mask = det.pop("mask", None)
+        mask = compact_mask(det.pop("mask", None))
         qfiles: dict[str, Any] = {"meta": f"{prefix}_meta.json"}
         token_sums = {}
         if "csv" in formats:
@@ -315,8 +350,9 @@ def save_explanation(expl, out_dir: str | os.PathLike, image_name: str | None = 
         if "npz" in formats:
             arrays = {key: v[k].detach().cpu().numpy() for key, v in expl.relevance.items()}
             arrays.update({f"channels:{key}": v[k].detach().cpu().numpy() for key, v in expl.channel_relevance.items()})
-            if mask is not None:
-                arrays["detection_mask"] = np.asarray(mask, dtype=bool)
+            if mask is not None:  # COCO RLE: a few KB where the dense mask of a 24 MP photo takes 24 MB
+                arrays["detection_mask_rle"] = np.array(mask.counts.decode("ascii"))
+                arrays["detection_mask_size"] = np.array(mask.size, dtype=np.int64)
             qfiles["npz"] = f"{prefix}_relevance.npz"
             atomic_write_bytes(folder / qfiles["npz"], _npz_bytes(arrays))
         if "png" in formats:
@@ -335,7 +371,8 @@ def save_explanation(expl, out_dir: str | os.PathLike, image_name: str | None = 
             **common, "row": k, "query": int(query), "label": int(expl.labels[k]),
             "class": det.get("class", str(int(expl.labels[k]))), "class_score": det.get("class_score"),
             "score": det.get("score"), "box": det.get("box"),
-            "mask_area": int(np.asarray(mask).sum()) if mask is not None else None,
+            "mask_area": mask.area if mask is not None else None,
+            "mask_rle": mask.to_coco() if mask is not None else None,
             "target_value": float(expl.target_values[k]), "conservation": conservation,
             "token_sums": token_sums, "dtype": str(next(iter(expl.relevance.values())).dtype).replace("torch.", ""),
             "files": qfiles, "meta": {k2: v for k2, v in expl.meta.items() if k2 not in ("image_name", "source")},

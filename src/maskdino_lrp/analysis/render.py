@@ -4,6 +4,11 @@ Figures use matplotlib's object API with the Agg canvas (no pyplot, no global ba
 display needed). Relevance is shown with a diverging colour map centred at zero ("bwr": red
 positive, blue negative) with symmetric limits at the 99.5th percentile of |R|, and a colour bar.
 Every file is written atomically (see :mod:`.export`).
+
+Sizes are bounded by the model input, never by the photo: the pixel relevance is drawn from the
+model-input-resolution map (``relevance["pixels"]``), the photo is downsampled to at most
+:data:`OVERLAY_MAX_SIDE` px for the overlay and :data:`IMAGE_MAX_SIDE` px for ``image.png``, and a
+detection's mask (RLE) is decoded one at a time, at the display size.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ..fileio import atomic_open, atomic_write_text
-from .export import SUMMARY, token_relevance
+from .export import SUMMARY, compact_mask, token_relevance
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,10 @@ PERCENTILE = 99.5
 DPI = 100
 MANIFEST = "manifest.json"
 REPORT = "report.html"
+IMAGE_MAX_SIDE = 2048  # image.png: the input photo, downsampled to this longest side
+OVERLAY_MAX_SIDE = 1024  # arrays drawn into an overlay (the figure itself is ~700 px)
+FIGURE_INCHES = 6.0  # longest side of an overlay's image panel
+PADDING_COLOUR = "0.35"
 
 
 def symmetric_limit(values: Any, percentile: float = PERCENTILE) -> float:
@@ -41,6 +50,35 @@ def symmetric_limit(values: Any, percentile: float = PERCENTILE) -> float:
     return lim if lim > 0 else 1.0
 
 
+def display_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(h, w) scaled down (never up) so that the longest side is at most ``max_side``."""
+    scale = min(1.0, float(max_side) / max(height, width, 1))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An RGB uint8 image at ``size`` (h, w) (PIL, antialiased when shrinking); as it is if the size matches."""
+    from PIL import Image
+
+    image = np.asarray(image, dtype=np.uint8)
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    pil = Image.fromarray(image)
+    return np.asarray(pil.resize((int(size[1]), int(size[0])), Image.BILINEAR, reducing_gap=2.0))
+
+
+def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A 2-D map resampled (bilinear, values kept, not rescaled) to ``size`` (h, w), for display only."""
+    import torch
+
+    values = np.asarray(values, dtype=np.float64)
+    if tuple(values.shape) == tuple(size):
+        return values
+    t = torch.from_numpy(np.ascontiguousarray(values))[None, None]
+    return torch.nn.functional.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear",
+                                           align_corners=False, antialias=values.shape[0] > size[0])[0, 0].numpy()
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -53,16 +91,20 @@ def _figure(width: float, height: float):
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=DPI)
+        # "tight": titles, colour-bar labels and legends are never cut off at the figure's edge
+        fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08)
     return path
 
 
-def save_image(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """The input image as PNG (atomically)."""
+def save_image(image: np.ndarray, path: str | os.PathLike, max_side: int | None = None) -> Path:
+    """The input image as PNG (atomically), downsampled to a longest side of ``max_side`` px if given."""
     from PIL import Image
 
+    image = np.asarray(image, dtype=np.uint8)
+    if max_side is not None:
+        image = resize_image(image, display_size(*image.shape[:2], max_side))
     with atomic_open(path, "wb") as f:
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG")
+        Image.fromarray(image).save(f, format="PNG")
     return Path(path)
 
 
@@ -77,65 +119,114 @@ def _title(expl, k: int) -> str:
 
 
 def render_pixels(expl, k: int, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Pixel relevance of row ``k`` over the (grey) image, with the detection's box and mask outline."""
-    from matplotlib.patches import Rectangle
+    """Pixel relevance of row ``k`` over the (grey) image, with the detection's box and mask outline.
 
-    rel = expl.pixel_map(k).detach().double().cpu().numpy()
-    image = np.asarray(expl.image)
-    h, w = image.shape[:2]
-    lim = symmetric_limit(rel)
-    scale = 5.0 / max(h, w)
-    fig = _figure(max(3.0, w * scale) + 1.2, max(3.0, h * scale) + 0.6)
-    ax = fig.add_subplot(1, 1, 1)
-    grey = image.astype(np.float64).mean(-1)
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    # opacity follows |R|: the image shows through where there is little relevance
-    alpha = np.clip(np.abs(np.nan_to_num(rel)) / lim, 0.0, 1.0) * 0.85
-    ax.imshow(rel, cmap=CMAP, vmin=-lim, vmax=lim, alpha=alpha, interpolation="nearest")
+    The relevance is the model-input-resolution map (``relevance["pixels"][k]``, values per input
+    pixel); photo, map and mask are drawn at most :data:`OVERLAY_MAX_SIDE` px on the longest side, in
+    the photo's pixel coordinates (so boxes need no rescaling).
+    """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
 
+    rel = expl.relevance["pixels"][k].detach().double().cpu().numpy()
+    image = np.asarray(expl.image)
+    h, w = image.shape[:2]
+    dh, dw = display_size(h, w, OVERLAY_MAX_SIDE)
+    lim = symmetric_limit(rel)
+    scale = FIGURE_INCHES / max(h, w)
+    fig = _figure(max(3.0, w * scale) + 1.2, max(3.0, h * scale) + 0.6)
+    ax = fig.add_subplot(1, 1, 1)
+    extent = (0, w, h, 0)  # photo pixel coordinates, whatever the arrays' sizes
+    grey = resize_image(image, (dh, dw)).astype(np.float32).mean(-1)
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="antialiased", extent=extent)
+    del grey
+    shown = resize_map(rel, (dh, dw))
+    # opacity follows |R|: the image shows through where there is little relevance
+    alpha = np.clip(np.abs(np.nan_to_num(shown)) / lim, 0.0, 1.0) * 0.85
+    ax.imshow(shown, cmap=CMAP, vmin=-lim, vmax=lim, alpha=alpha, interpolation="antialiased", extent=extent)
+    del shown, alpha
     im = ScalarMappable(norm=Normalize(-lim, lim), cmap=CMAP)
     det = expl.detections[k] if k < len(expl.detections) else {}
-    mask = det.get("mask")
-    if mask is not None and np.asarray(mask).any() and np.asarray(mask).shape == (h, w):
-        ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors=["gold"], linewidths=1.0)
+    mask = compact_mask(det.get("mask"))
+    if mask is not None and mask.size == (h, w) and mask.any():
+        small = mask.resized((dh, dw)).astype(np.float32)
+        xs = (np.arange(dw) + 0.5) * (w / dw)
+        ys = (np.arange(dh) + 0.5) * (h / dh)
+        ax.contour(xs, ys, small, levels=[0.5], colors=["gold"], linewidths=1.0)
     box = det.get("box")
     if box is not None and all(np.isfinite(box)):
         x0, y0, x1, y1 = box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.2))
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
     ax.set_axis_off()
-    ax.set_title(title or _title(expl, k), fontsize=8)
+    ax.set_title(title or _title(expl, k), fontsize=9)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    cbar.set_label(f"pixel relevance (±{lim:.2g}: p{PERCENTILE:g} of |R|)", fontsize=7)
-    cbar.ax.tick_params(labelsize=6)
+    cbar.set_label(f"relevance per input pixel ({rel.shape[0]}×{rel.shape[1]}); ±{lim:.2g} = p{PERCENTILE:g} of |R|",
+                   fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
     return _save(fig, Path(path))
 
 
+def _padding_patches(ax, lv, input_size) -> bool:
+    """Hatch the part of a level's token map that lies in the zero padding (beyond the resized image);
+    True if there is any. Token (y, x) covers input pixels [y·s, (y+1)·s) at stride s."""
+    from matplotlib.patches import Rectangle
+
+    if not input_size:
+        return False
+    rh, rw = (float(v) for v in input_size)
+    edge_x, edge_y = rw / lv.stride - 0.5, rh / lv.stride - 0.5  # the image's edge in token coordinates
+    right, bottom = lv.width - 0.5, lv.height - 0.5
+    found = False
+    style = dict(facecolor="none", edgecolor=PADDING_COLOUR, hatch="////", linewidth=0.0)
+    if edge_x < right - 1e-9:
+        ax.add_patch(Rectangle((edge_x, -0.5), right - edge_x, lv.height, **style))
+        ax.axvline(edge_x, color=PADDING_COLOUR, linewidth=0.8)
+        found = True
+    if edge_y < bottom - 1e-9:
+        ax.add_patch(Rectangle((-0.5, edge_y), lv.width, bottom - edge_y, **style))
+        ax.axhline(edge_y, color=PADDING_COLOUR, linewidth=0.8)
+        found = True
+    return found
+
+
 def render_tokens(expl, stop: str, k: int, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Token relevance of row ``k`` at a token stop, one panel per level, one shared symmetric scale."""
+    """Token relevance of row ``k`` at a token stop, one panel per level, one shared symmetric scale.
+
+    Tokens over the zero padding (beyond the resized image, up to the size divisibility) are hatched.
+    """
+    from matplotlib.patches import Patch
+
     tokens = token_relevance(expl)
     if stop not in tokens:
         raise KeyError(f"no token relevance for stop {stop!r}; token stops: {', '.join(tokens) or 'none'}")
     row = tokens[stop][k].detach().double().cpu().numpy()
     lim = symmetric_limit(row)
     n = max(1, len(expl.levels))
-    fig = _figure(2.4 * n + 0.9, 2.9)
+    fig = _figure(2.6 * n + 1.0, 3.2)
     axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
     im = None
+    padded = False
     for ax, lv in zip(axes, expl.levels):
         m = row[lv.start: lv.start + lv.size].reshape(lv.height, lv.width)
         im = ax.imshow(m, cmap=CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
-        ax.set_title(f"{lv.name} ({lv.height}×{lv.width}) Σ={m.sum():.3g}", fontsize=7)
+        padded |= _padding_patches(ax, lv, getattr(expl, "input_size", None))
+        ax.set_xlim(-0.5, lv.width - 0.5)
+        ax.set_ylim(lv.height - 0.5, -0.5)
+        ax.set_title(f"{lv.name} ({lv.height}×{lv.width}) Σ={m.sum():.3g}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title or f"{stop} tokens · {_title(expl, k)}", fontsize=8)
+    fig.suptitle(title or f"{stop} tokens · {_title(expl, k)}", fontsize=9)
     if im is not None:
         cbar = fig.colorbar(im, ax=axes, fraction=0.046, pad=0.03)
-        cbar.set_label(f"token relevance (±{lim:.2g})", fontsize=7)
-        cbar.ax.tick_params(labelsize=6)
+        cbar.set_label(f"token relevance (±{lim:.2g})", fontsize=8)
+        cbar.ax.tick_params(labelsize=7)
+    if padded:
+        fig.legend(handles=[Patch(facecolor="none", edgecolor=PADDING_COLOUR, hatch="////",
+                                  label="padding: outside the image (zero input)")],
+                   loc="lower center", fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
     return _save(fig, Path(path))
 
 
@@ -173,15 +264,33 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.8em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:0.85em}th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.bad{color:#b00020;font-weight:bold}.thumb img{max-width:180px;max-height:180px}
+.bad{color:#b00020;font-weight:bold}.banner{border:2px solid #b00020;padding:8px;background:#fdecee}
+td.ok{color:#1b5e20;background:#e8f5e9}td.bad{background:#fdecee}
+.thumb img{width:340px;max-width:40vw;height:auto;border:1px solid #ccc;cursor:zoom-in}
 .settings td{border:none;padding:1px 8px 1px 0}
+.legend{font-size:0.85em}.swatch{display:inline-block;width:1.1em;height:1.1em;vertical-align:middle;border:1px solid #999;margin:0 4px 0 10px}
+.swatch.ok{background:#e8f5e9}.swatch.bad{background:#fdecee}
+.lightbox{display:none;position:fixed;inset:0;z-index:10;background:rgba(0,0,0,.85);align-items:center;justify-content:center;flex-direction:column}
+.lightbox:target{display:flex}.lightbox img{max-width:96vw;max-height:88vh;background:#fff;cursor:zoom-out}
+.lightbox p{color:#eee;margin:6px}.lightbox a{color:#9cf}
 """
+
+
+def _conservation_legend(limit: float) -> str:
+    return ('<p class="legend"><b>Conservation</b> (rel. error = |residual| / |target| at a complete cut of the '
+            'graph, where all relevance must arrive):'
+            f'<span class="swatch ok"></span>≤ {limit:g}: conserved within the limit'
+            f'<span class="swatch bad"></span>&gt; {limit:g} or missing: relevance was lost or created '
+            '(see the ledger in qNNN_meta.json). Click a heatmap to enlarge it.</p>')
 
 
 def write_report(run_dir: str | os.PathLike, title: str | None = None, max_residual: float | None = None) -> Path:
     """Write ``run_dir/report.html``: settings, failed images, and per image a table of its queries
     (thumbnail, class, score, target, conservation error per cut, links to every file). Links are
-    relative, so the folder can be moved and the report opened from disk without a server."""
+    relative, so the folder can be moved and the report opened from disk without a server.
+
+    A thumbnail opens enlarged in the page (a CSS ``:target`` overlay, no script); conservation cells
+    are green within ``max_residual`` and red above it or when missing (a legend says so)."""
     from .validate import DEFAULT_MAX_RESIDUAL
 
     run_dir = Path(run_dir)
@@ -195,6 +304,7 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None, max_resid
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{html.escape(title or 'maskdino-lrp report')}</title>", f"<style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(title or 'maskdino-lrp report')}</h1>"]
+    banner_at, random_weights = len(parts), []  # a run on random weights gets a banner here (filled below)
     settings = manifest.get("settings", {})
     if settings:
         parts.append('<table class="settings">')
@@ -211,6 +321,9 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None, max_resid
             parts.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(rec.get('source', '')))}</td>"
                          f"<td class=\"bad\">{html.escape(str(rec.get('error', '')))}</td></tr>")
         parts.append("</table>")
+    if summaries:
+        parts.append(_conservation_legend(limit))
+    lightboxes: list[str] = []
     for summary_path in summaries:
         try:
             summary = json.loads(summary_path.read_text())
@@ -218,6 +331,8 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None, max_resid
             parts.append(f"<h2>{html.escape(str(summary_path.parent.name))}</h2>"
                          f"<p class=\"bad\">unreadable summary: {html.escape(str(exc))}</p>")
             continue
+        if summary.get("random_weights") or summary.get("partial_load"):
+            random_weights.append(summary)
         folder = summary_path.parent.relative_to(run_dir)
         rel = lambda name: (folder / name).as_posix()
         cuts = list(dict.fromkeys(cut for q in summary.get("queries", []) for cut in q.get("conservation", {})))
@@ -240,13 +355,20 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None, max_resid
         for q in summary["queries"]:
             files = q.get("files", {})
             thumb = files.get("pixels_png") or next(iter(files.get("tokens_png", {}).values()), None)
-            thumb_html = (f'<a href="{html.escape(_href(rel(thumb)))}"><img src="{html.escape(_href(rel(thumb)))}" '
-                          f'alt="query {q.get("query")}"></a>') if thumb else "–"
+            thumb_html = "–"
+            if thumb:
+                view = f"view-{len(lightboxes) + 1}"
+                src = html.escape(_href(rel(thumb)))
+                alt = html.escape(f"{name}: query {q.get('query')} ({q.get('class')})")
+                thumb_html = (f'<a href="#{view}" title="click to enlarge"><img src="{src}" alt="{alt}"></a>'
+                              f'<br><small><a href="{src}">open {html.escape(Path(thumb).name)}</a></small>')
+                lightboxes.append(f'<div class="lightbox" id="{view}"><a href="#_"><img src="{src}" alt="{alt}"></a>'
+                                  f'<p>{alt} · <a href="#_">close</a> · <a href="{src}">open the file</a></p></div>')
             errs = ""
             for c in cuts:
                 v = q.get("conservation", {}).get(c)
                 bad = v is None or not (float(v) <= limit)
-                errs += f'<td class="num{" bad" if bad else ""}">{_num(v, ".2e")}</td>'
+                errs += f'<td class="num {"bad" if bad else "ok"}">{_num(v, ".2e")}</td>'
             links = []
             for key, value in files.items():
                 if isinstance(value, dict):
@@ -258,6 +380,15 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None, max_resid
                 f"<td>{html.escape(str(q.get('class')))}</td><td class=\"num\">{_num(q.get('score'))}</td>"
                 f"<td class=\"num\">{_num(q.get('target_value'), '.4g')}</td>{errs}<td>{'<br>'.join(links)}</td></tr>")
         parts.append("</table>")
+    if random_weights:
+        partial = [x["partial_load"] for x in random_weights if x.get("partial_load")]
+        what = ("RANDOM WEIGHTS: no checkpoint was loaded; these explanations describe an untrained model and say "
+                "nothing about a trained one" if any(x.get("random_weights") for x in random_weights)
+                else f"PARTIAL CHECKPOINT LOAD (the rest of the model keeps random weights): {partial[0]}")
+        parts.insert(banner_at, f'<p class="bad banner" id="random-weights-banner">{html.escape(what)} '
+                     f"({len(random_weights)} of {len(summaries)} image(s)).</p>")
     parts.append(f"<p><small>Conservation error: |residual| / |target| at each complete cut; "
-                 f"values above {limit:g} are marked.</small></p></body></html>")
+                 f"values above {limit:g} are marked.</small></p>")
+    parts.extend(lightboxes)
+    parts.append("</body></html>")
     return atomic_write_text(run_dir / REPORT, "\n".join(parts) + "\n")

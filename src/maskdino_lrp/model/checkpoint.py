@@ -23,7 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "load_checkpoint", "TRAINING_ONLY_PREFIXES"]
+__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "load_checkpoint", "shipped_weights",
+           "TRAINING_ONLY_PREFIXES"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -35,7 +38,14 @@ _MAX_LISTED = 50
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or (with ``strict=True``) that does not fit the model."""
+    """A checkpoint that cannot be read, or (with ``strict=True``) that does not fit the model.
+
+    When it does not fit, ``report`` holds the full :class:`LoadReport` (``str(report)`` lists every key).
+    """
+
+    def __init__(self, message: str, report: "LoadReport | None" = None):
+        super().__init__(message)
+        self.report = report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,13 +239,40 @@ class LoadReport:
         """True when every model key was loaded and every checkpoint key placed (ignored ones aside)."""
         return not (self.missing or self.unexpected or self.mismatched)
 
+    @property
+    def total(self) -> int:
+        """Number of model keys."""
+        return len(self.model_shapes) or len(self.loaded) + len(self.missing) + len(self.mismatched)
+
+    def summary(self, examples: int = 3) -> str:
+        """One line: loaded / total, then missing, unexpected and shape-mismatch counts with a few names each."""
+        def shape(s: Iterable[int] | None) -> str:
+            return "[" + ", ".join(str(d) for d in s) + "]" if s is not None else "?"
+
+        def some(names: list[str]) -> str:
+            more = f", … {len(names) - examples} more" if len(names) > examples else ""
+            return ", ".join(names[:examples]) + more
+
+        parts = [f"checkpoint {self.source} matches {len(self.loaded)} of {self.total} model keys"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing ({some(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected ({some(self.unexpected)})")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} with another shape ("
+                         + some([f"{k}: checkpoint {shape(c)} vs model {shape(m)}" for k, c, m in self.mismatched])
+                         + ")")
+        if self.ignored:
+            parts.append(f"{len(self.ignored)} training-only or foreign keys ignored")
+        hints = [n for n in self.notes if n.startswith("nothing loaded, but")]
+        return "; ".join(parts + hints)
+
     def __repr__(self) -> str:
         return (f"LoadReport(source={self.source!r}, loaded={len(self.loaded)}, missing={len(self.missing)}, "
                 f"unexpected={len(self.unexpected)}, mismatched={len(self.mismatched)}, ignored={len(self.ignored)})")
 
     def __str__(self) -> str:
-        total = len(self.model_shapes) or len(self.loaded) + len(self.missing) + len(self.mismatched)
-        lines = [f"checkpoint {self.source}: loaded {len(self.loaded)} of {total} model keys"
+        lines = [f"checkpoint {self.source}: loaded {len(self.loaded)} of {self.total} model keys"
                  + (" — all keys match" if self.ok else "")]
 
         def section(title: str, rows: list[str]) -> None:
@@ -279,8 +316,8 @@ def _frozen_bn_prefixes(model: nn.Module) -> set[str]:
     return {f"{name}." if name else "" for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)}
 
 
-def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, Any], strict: bool = False,
-                    prefix_map: Mapping[str, str] | None = None) -> LoadReport:
+def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, Any], strict: bool = True,
+                    prefix_map: Mapping[str, str] | None = None, name: str | None = None) -> LoadReport:
     """Load a checkpoint (path or state dict) into ``model``; return the key report.
 
     * Keys carrying a DDP ``module.`` prefix (all of them) are stripped; then ``prefix_map``
@@ -292,8 +329,11 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
     * FrozenBN norms given only ``weight``/``bias`` (Caffe2-converted files) get identity statistics, as in
       detectron2.
 
-    ``strict=True`` raises :class:`CheckpointError` with the report — before changing the model — when anything
-    is missing, unexpected or mismatched.
+    With ``strict=True`` (the default) a checkpoint that does not fit — anything missing, unexpected or of
+    another shape — raises :class:`CheckpointError` with a one-line summary (``.report`` holds the full
+    report) before the model is changed. ``strict=False`` asks for a partial load: what fits is loaded, the
+    rest is only reported. Training-only and foreign entries (above) never make a checkpoint unfit.
+    ``name`` labels the source in the report (default: the path, or ``<state dict>``).
     """
     notes: list[str] = []
     if isinstance(source, Mapping):
@@ -312,6 +352,7 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
     model_keys = list(model_state)
     top_names = {k.split(".", 1)[0] for k in model_keys} | {n for n, _ in model.named_children()}
     non_persistent = {n for n, _ in model.named_buffers()} - set(model_keys)
+    label = name or label
     report = LoadReport(source=label, model_shapes={k: tuple(v.shape) for k, v in model_state.items()})
 
     keys = [str(k) for k in raw if str(k).split(".", 1)[0] not in TRAINING_ONLY_PREFIXES]
@@ -415,10 +456,33 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, A
     report.notes = notes
 
     if strict and not report.ok:
-        raise CheckpointError(f"checkpoint does not fit the model (strict=True):\n{report}")
+        raise CheckpointError(f"{report.summary()}; the checkpoint does not fit the model (a partial load, "
+                              "which keeps the rest randomly initialised, needs --partial-load / strict=False)",
+                              report)
     if to_load:
         result = model.load_state_dict(to_load, strict=False)
         for k in result.unexpected_keys:  # only a custom _load_from_state_dict could produce these
             if k not in report.unexpected:
                 report.unexpected.append(k)
     return report
+
+
+def shipped_weights(config: Any) -> Path | None:
+    """The weights shipped for a preset (``weights/<preset>.safetensors``, e.g. the demo's), or None.
+
+    ``config`` is a preset name or the path of a preset's YAML; any other config ships no weights.
+    """
+    if not isinstance(config, (str, os.PathLike)):
+        return None
+    from .config import PRESET_DIR
+
+    text = str(config)
+    path = Path(text)
+    if not path.suffix and (PRESET_DIR / f"{text}.yaml").is_file():
+        name = text
+    elif path.suffix in (".yaml", ".yml") and path.is_file() and path.resolve().parent == PRESET_DIR.resolve():
+        name = path.stem
+    else:
+        return None
+    weights = WEIGHTS_DIR / f"{name}.safetensors"
+    return weights if weights.is_file() else None

@@ -305,12 +305,57 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
             raise ConfigError(
                 f"config {text!r} is neither a file nor a preset; presets: {', '.join(preset_names())}"
             )
-        for layer in _read_yaml_chain(path):
+        chain = _read_yaml_chain(path)
+        for layer in chain:
             _merge(cfg, layer)
+        _require_maskdino_model(path, chain)
     for dotted, value in (overrides or {}).items():
         _set_dotted(cfg, dotted, value)
     validate(cfg)
     return cfg
+
+
+def _require_maskdino_model(path: Path, chain: list[dict]) -> None:
+    """Refuse a YAML whose chain names no MaskDINO model (e.g. an official Base-*.yaml given on its own)."""
+    for layer in chain:
+        model = layer.get("MODEL")
+        if isinstance(model, Mapping) and ("META_ARCHITECTURE" in model or "MaskDINO" in model):
+            return
+    raise ConfigError(
+        f"config {path} names no MaskDINO model (neither it nor its _BASE_ chain sets MODEL.META_ARCHITECTURE or "
+        "MODEL.MaskDINO), so it would build from defaults; it looks like a base config: pass the child config "
+        "that builds on it (e.g. maskdino_R50_bs16_50ep_3s.yaml)"
+    )
+
+
+def check_instance_task(cfg: Mapping[str, Any], warn: bool = True, source: Any = None) -> None:
+    """Refuse, before any work, a config whose predictions the instance post-processing cannot read.
+
+    maskdino-lrp explains instance predictions (MaskDINO's ``instance_inference``). A semantic-segmentation
+    config (``TEST.INSTANCE_ON: False``, e.g. the official ADE20K / Cityscapes ones) has no instance output,
+    and one trained with ``SEMANTIC_CE_LOSS`` has a softmax class head with NUM_CLASSES + 1 outputs.
+    A panoptic config with ``INSTANCE_ON: True`` is read as instances, with a warning: the official instance
+    output keeps only the "thing" classes, which come from dataset metadata this tool does not have
+    (``warn=False``: no warning, for a check repeated later). ``source`` (a file or preset name) starts the message.
+    """
+    where = f"config {source}: " if isinstance(source, (str, Path)) else ""
+    test = get(cfg, "MODEL.MaskDINO.TEST")
+    if not test.get("INSTANCE_ON"):
+        tasks = [t for t, k in (("semantic", "SEMANTIC_ON"), ("panoptic", "PANOPTIC_ON")) if test.get(k)]
+        kind = f"a {' + '.join(tasks)}-segmentation config" if tasks else "a config with no output enabled"
+        raise ConfigError(
+            f"{where}MODEL.MaskDINO.TEST.INSTANCE_ON is False ({kind}): maskdino-lrp explains instance predictions only; "
+            "semantic/panoptic post-processing is not supported — use an instance-segmentation config "
+            "(MODEL.MaskDINO.TEST.INSTANCE_ON: True)"
+        )
+    if test.get("SEMANTIC_ON") and get(cfg, "MODEL.MaskDINO.SEMANTIC_CE_LOSS"):
+        raise ConfigError(
+            f"{where}MODEL.MaskDINO.SEMANTIC_CE_LOSS with TEST.SEMANTIC_ON gives a softmax class head (NUM_CLASSES + 1 "
+            "outputs) that the instance post-processing cannot read; use an instance-segmentation config"
+        )
+    if test.get("PANOPTIC_ON") and warn:
+        log.warning("%spanoptic config: its instance detections include 'stuff' classes (the official instance "
+                    "output keeps 'thing' classes only, from dataset metadata maskdino-lrp does not have)", where)
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

@@ -11,71 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import get, load_config
+from .config import check_instance_task, get, load_config
+from .image import ImageError, read_image  # noqa: F401  (re-exported: maskdino_lrp.model.maskdino.read_image)
 
 log = logging.getLogger(__name__)
-
-
-class ImageError(ValueError):
-    """An input image the model cannot take, with what to do about it."""
-
-
-def read_image(image: Any, channel_order: str = "RGB") -> np.ndarray:
-    """Validate an image (H×W×3 uint8 array, PIL image, tensor or file path) and return it as RGB uint8."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as pil:
-                # a file is decoded for the user: palette, grey and alpha images become RGB
-                image = np.asarray(pil.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ImageError(f"cannot read image {path}: {exc}; give a PNG/JPEG file") from exc
-    elif isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            raise ImageError(
-                f"PIL image has mode {image.mode!r}; the model takes RGB: pass image.convert('RGB')"
-            )
-        image = np.asarray(image)
-    elif isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray):
-        raise ImageError(f"unsupported image type {type(image).__name__}; give an H×W×3 uint8 array, a PIL image or a path")
-    if image.ndim == 2:
-        raise ImageError(
-            f"image is grayscale with shape {image.shape}; the model takes RGB: "
-            "np.stack([img] * 3, axis=-1) or PIL's .convert('RGB')"
-        )
-    if image.ndim != 3:
-        raise ImageError(f"image must be H×W×3, got shape {image.shape}")
-    if image.shape[-1] != 3:
-        if image.shape[0] == 3:
-            raise ImageError(
-                f"image shape {image.shape} looks channel-first (3×H×W); give H×W×3: img.transpose(1, 2, 0)"
-            )
-        if image.shape[-1] == 4:
-            raise ImageError("image has 4 channels (RGBA); drop alpha: img[..., :3] or PIL's .convert('RGB')")
-        if image.shape[-1] == 1:
-            raise ImageError("image has 1 channel (grayscale); repeat it: np.repeat(img, 3, axis=-1)")
-        raise ImageError(f"image must have 3 channels (H×W×3 RGB), got shape {image.shape}")
-    if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating):
-            if not np.isfinite(image).all():
-                raise ImageError("image contains NaN or Inf pixels; clean it before explaining")
-            lo, hi = float(image.min()), float(image.max())
-            raise ImageError(
-                f"image is {image.dtype} with values in [{lo:.3g}, {hi:.3g}]; the model takes uint8 0..255: "
-                + ("(img * 255).round().astype(np.uint8)" if hi <= 1.0 else "img.clip(0, 255).astype(np.uint8)")
-            )
-        raise ImageError(f"image dtype {image.dtype} is not supported; give uint8 0..255")
-    if channel_order.upper() == "BGR":
-        image = image[..., ::-1]
-    elif channel_order.upper() != "RGB":
-        raise ImageError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
-    return np.ascontiguousarray(image)
 
 
 def resize_shortest_edge(image: np.ndarray, short: int, max_size: int) -> np.ndarray:
@@ -94,12 +33,17 @@ def resize_shortest_edge(image: np.ndarray, short: int, max_size: int) -> np.nda
 
 @dataclass
 class Detections:
-    """Instance predictions for one image, in input-image pixels."""
+    """Instance predictions for one image, in input-image pixels.
+
+    Masks are kept compact (COCO RLE, :class:`~.masks.CompactMask`): ``compact_masks[i]`` (area, bbox,
+    ``np.asarray`` for the dense array) costs a few KB however large the photo; :attr:`masks` decodes
+    all of them into one (K, H, W) bool tensor (K × H × W bytes: 2.4 GB for 100 masks of a 24 MP photo).
+    """
 
     scores: torch.Tensor  # (K,) class score × mask score
     labels: torch.Tensor  # (K,) class index
     boxes: torch.Tensor  # (K, 4) x0 y0 x1 y1 in input pixels
-    masks: torch.Tensor  # (K, H, W) bool at the input size
+    compact_masks: list  # K CompactMask (COCO RLE) at the input size
     query_indices: torch.Tensor  # (K,) decoder query each detection comes from
     class_scores: torch.Tensor  # (K,) sigmoid class score alone
     mask_scores: torch.Tensor  # (K,) mean mask probability inside the mask
@@ -108,6 +52,13 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.scores.numel())
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """(K, H, W) bool masks at the input size, decoded from :attr:`compact_masks` on each access."""
+        from .masks import decode_all
+
+        return decode_all(self.compact_masks, self.image_size)
 
     def name(self, label: int) -> str:
         """Class name of a label index (the index itself when the config has no names)."""
@@ -118,9 +69,9 @@ class Detections:
         return [
             {
                 "query": int(q), "label": int(l), "class": self.name(int(l)), "score": float(s),
-                "box": [round(float(v), 2) for v in b], "mask_area": int(m.sum()),
+                "box": [round(float(v), 2) for v in b], "mask_area": int(m.area),
             }
-            for q, l, s, b, m in zip(self.query_indices, self.labels, self.scores, self.boxes, self.masks)
+            for q, l, s, b, m in zip(self.query_indices, self.labels, self.scores, self.boxes, self.compact_masks)
         ]
 
     def __str__(self) -> str:
@@ -164,8 +115,26 @@ class MaskDINO(nn.Module):
         self.num_queries = int(get(cfg, "MODEL.MaskDINO.NUM_OBJECT_QUERIES"))
         self.test_topk_per_image = int(get(cfg, "TEST.DETECTIONS_PER_IMAGE"))
         self.focus_on_box = bool(get(cfg, "MODEL.MaskDINO.TEST.TEST_FOUCUS_ON_BOX"))
-        self.class_names = list(get(cfg, "LRP_TOOL.CLASS_NAMES"))
+        from .class_names import default_class_names  # COCO's 80 names for an 80-class model without names
+
+        self.class_names = default_class_names(get(cfg, "LRP_TOOL.CLASS_NAMES"), self.num_classes)
+        self.weights_source: str | None = None  # set by load_weights; None: random initialisation
+        self.load_report = None  # the checkpoint's LoadReport, once weights are loaded
         self.eval()
+
+    @property
+    def random_weights(self) -> bool:
+        """True while no checkpoint has been loaded (the weights are a random initialisation)."""
+        return self.weights_source is None
+
+    def weights_info(self) -> dict:
+        """Where the weights come from, for outputs: ``{"weights": source, "random_weights": bool}``, plus
+        ``"partial_load"`` (the one-line key summary) when the checkpoint did not fit and was loaded partially."""
+        info: dict[str, Any] = {"weights": self.weights_source or "random initialisation",
+                                "random_weights": self.random_weights}
+        if self.load_report is not None and not self.load_report.ok:
+            info["partial_load"] = self.load_report.summary()
+        return info
 
     # ----------------------------------------------------------------- pre-processing
     @property
@@ -233,6 +202,9 @@ class MaskDINO(nn.Module):
     def postprocess(self, outputs: Mapping[str, Any], prepared: PreparedImage, batch_index: int = 0) -> Detections:
         """Official instance inference: top-k over queries × classes, score = class × mask score."""
         logits = outputs["pred_logits"][batch_index].detach()
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"the class head has {logits.shape[-1]} outputs, not NUM_CLASSES={self.num_classes}: "
+                             "instance post-processing needs one sigmoid logit per class (see check_instance_task)")
         mask_logits = outputs["pred_masks"][batch_index].detach()
         boxes = outputs["pred_boxes"][batch_index].detach()
         scores = logits.sigmoid()
@@ -240,21 +212,34 @@ class MaskDINO(nn.Module):
         top_scores, top_idx = scores.flatten().topk(k, sorted=True)
         labels = top_idx % self.num_classes
         queries = top_idx // self.num_classes
-        # only the selected queries' masks are resized (300 full-size masks would take ~0.8 GB at 800²)
+        # only the selected queries' masks are resized, a few at a time, and kept as RLE: full-size float
+        # masks of every candidate would take 96 × 24M × 4 B = 9 GB for a 24 MP photo
         unique, position = queries.unique(return_inverse=True)
-        masks_sel = self.masks_to_image(mask_logits[unique], prepared)[position]
-        binary = masks_sel > 0
-        mask_scores = (masks_sel.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+        compact, unique_scores = self.instance_masks(mask_logits[unique], prepared)
+        mask_scores = unique_scores[position]
         final = top_scores * (1.0 if self.focus_on_box else mask_scores)
         order = final.argsort(descending=True)
+        kept = position[order].tolist()
         return Detections(
             scores=final[order], labels=labels[order], boxes=self.boxes_to_image(boxes[queries], prepared)[order],
-            masks=binary[order], query_indices=queries[order], class_scores=top_scores[order],
+            compact_masks=[compact[i] for i in kept], query_indices=queries[order], class_scores=top_scores[order],
             mask_scores=mask_scores[order], image_size=prepared.original_size, class_names=self.class_names,
         )
 
+    def instance_masks(self, mask_logits: torch.Tensor, prepared: PreparedImage) -> tuple[list, torch.Tensor]:
+        """(Q, h, w) mask logits → Q compact masks (``logits > 0`` at the input size, COCO RLE) and the (Q,)
+        mask scores, with only a bounded number of full-size floats in memory at a time (see
+        :func:`~.masks.resize_and_encode`); the same values as :meth:`masks_to_image`."""
+        from .masks import resize_and_encode
+
+        return resize_and_encode(mask_logits, tuple(prepared.tensor.shape[-2:]), tuple(prepared.resized_size),
+                                 tuple(prepared.original_size))
+
     def masks_to_image(self, mask_logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
-        """(Q, h, w) mask logits → (Q, H, W) at the input size (upsample, crop padding, resize)."""
+        """(Q, h, w) mask logits → (Q, H, W) at the input size (upsample, crop padding, resize).
+
+        Dense: Q × H × W floats. For many masks or large photos use :meth:`instance_masks`.
+        """
         padded = prepared.tensor.shape[-2:]
         up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)
         rh, rw = prepared.resized_size
@@ -266,6 +251,7 @@ class MaskDINO(nn.Module):
 
         The official code scales by the input size and so ignores padding; we undo the padding so
         boxes are right for any aspect ratio (identical when the resized image needs no padding).
+        Boxes are clipped to the image (0..W, 0..H), as detectron2's ``Boxes.clip``.
         """
         cx, cy, w, h = boxes.unbind(-1)
         xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
@@ -273,41 +259,60 @@ class MaskDINO(nn.Module):
         rh, rw = prepared.resized_size
         oh, ow = prepared.original_size
         scale = torch.tensor([wp / rw * ow, hp / rh * oh, wp / rw * ow, hp / rh * oh], dtype=xyxy.dtype)
-        return xyxy * scale.to(xyxy.device)
+        xyxy = xyxy * scale.to(xyxy.device)
+        upper = torch.tensor([ow, oh, ow, oh], dtype=xyxy.dtype, device=xyxy.device)
+        return torch.minimum(xyxy.clamp(min=0), upper)
 
 
 def build_model(
     config: str | Path | Mapping[str, Any],
     overrides: Mapping[str, Any] | None = None,
     checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
-    strict: bool = False,
+    strict: bool = True,
 ) -> MaskDINO:
     """Build a MaskDINO from an official YAML, a preset name or a dict of official keys; optionally load weights.
+
+    Without ``checkpoint`` the weights are random (``model.random_weights``; a preset's shipped weights are
+    found by :func:`~maskdino_lrp.model.checkpoint.shipped_weights`). A checkpoint that does not fit the
+    model raises :class:`~maskdino_lrp.model.checkpoint.CheckpointError` unless ``strict=False`` asks for a
+    partial load.
 
     >>> model = build_model("tiny")
     """
     cfg = load_config(config, overrides)
+    check_instance_task(cfg, source=config)
     model = MaskDINO(cfg)
     if checkpoint is not None:
         load_weights(model, checkpoint, strict=strict)
     return model.eval()
 
 
-def load_weights(model: MaskDINO, checkpoint: Any, strict: bool = False):
-    """Load an official .pth/.pkl/safetensors checkpoint (or a state dict); print and return the key report."""
+def load_weights(model: MaskDINO, checkpoint: Any, strict: bool = True):
+    """Load an official .pth/.pkl/safetensors checkpoint (or a state dict); log and return the key report.
+
+    A checkpoint with missing, unexpected or wrongly shaped keys raises ``CheckpointError`` (one line, before
+    the model changes) unless ``strict=False``: then what fits is loaded and the one-line summary is logged
+    as a warning. Training-only entries (the criterion's, the optimizer's, …) are only reported.
+    """
     from .checkpoint import load_checkpoint, read_state_dict
 
-    state = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
-    for name in ("pixel_mean", "pixel_std"):
-        value = state.pop(name, None)
+    is_state = isinstance(checkpoint, Mapping)
+    state = dict(checkpoint) if is_state else read_state_dict(checkpoint)
+    stats = {name: state.pop(name, None) for name in ("pixel_mean", "pixel_std")}
+    report = load_checkpoint(model, state, strict=strict,  # raises before anything changes
+                             name="<state dict>" if is_state else str(checkpoint))
+    for name, value in stats.items():
         if value is not None:
             value = torch.as_tensor(np.asarray(value), dtype=torch.float32).view(-1, 1, 1)
             if not torch.allclose(value, getattr(model, name), atol=1e-3):
                 log.warning("checkpoint %s %s differs from the config's %s; using the checkpoint's",
                             name, value.flatten().tolist(), getattr(model, name).flatten().tolist())
                 getattr(model, name).copy_(value)
-    report = load_checkpoint(model, state, strict=strict)
-    log.info("%s", report)
-    if not report.ok:
-        print(report)
+    model.weights_source = report.source
+    model.load_report = report
+    if report.ok:
+        log.info("%s", report)
+    else:
+        log.warning("partial load (the rest keeps its random initialisation): %s", report.summary())
+        log.info("%s", report)
     return report
