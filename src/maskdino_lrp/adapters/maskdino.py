@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from ..lrp.engine import EngineError, Ledger, LedgerEntry
-from ..lrp.rules import DeformSteps
+from ..lrp.rules import AttentionSteps, DeformSteps
 from ..model import deform_attn as da
 from ..model.decoder import MaskDINODecoder
 from ..model.deform_attn import MSDeformAttn
 from ..model.layers import Conv2d
 from ..model.maskdino import MaskDINO
 from ..model.pixel_decoder import encoder_call_inputs
+from ..model.swin import WindowAttention, window_attention
 from .base import Adapter, Cut, Records, StopTensor, hooks
 
 _PREDICTOR = "sem_seg_head.predictor"
@@ -49,6 +50,28 @@ def _deform_kernel(module: MSDeformAttn, steps: DeformSteps) -> Callable:
     return forward
 
 
+def _window_kernel(module: WindowAttention, steps: AttentionSteps, track: Callable[..., torch.Tensor | None]) -> Callable:
+    """Swin's window attention through :func:`window_attention` under a rule's :class:`AttentionSteps`.
+
+    The projections stay the ``qkv`` / ``proj`` modules (each under its own rule, biases booked there); q·kᵀ,
+    the softmax and attention·v take the rule's steps. The relative-position bias and the shift mask are
+    constant inputs to the logits: both are booked (``positional``) so the ledger shows what they absorb.
+    """
+
+    def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (B·nW, nH, N, d) pairs; the steps take 3-D
+        return steps.scores(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)).view(*q.shape[:3], k.shape[2])
+
+    def mix(attention: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return steps.mix(attention.flatten(0, 1), v.flatten(0, 1)).view(*v.shape[:2], attention.shape[2], v.shape[3])
+
+    def forward(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        bias = track("relative_position_bias", module.relative_position_bias(), "positional")
+        mask = track("shift_mask", mask, "positional")
+        return window_attention(module, x, bias, mask, scores=scores, probabilities=steps.probabilities, mix=mix)
+
+    return forward
+
+
 class MaskDINOAdapter(Adapter):
     """MaskDINO (and its parts): ResNet/FPN backbone, deformable encoder, two-stage query decoder."""
 
@@ -57,7 +80,7 @@ class MaskDINOAdapter(Adapter):
              "decoder_layers")
     default_stops = ("pixels", "encoder_input", "memory")
     encoder_stops = ("pixels", "backbone", "encoder_input", "encoder_layers")
-    _parts = (MaskDINO, MaskDINODecoder, MSDeformAttn, Conv2d)
+    _parts = (MaskDINO, MaskDINODecoder, MSDeformAttn, Conv2d, WindowAttention)
 
     # ------------------------------------------------------------------ detection
     def matches(self, model: nn.Module) -> bool:
@@ -74,9 +97,16 @@ class MaskDINOAdapter(Adapter):
             )
 
     # ------------------------------------------------------------------ modules
+    def module_kind(self, name, module):
+        # Swin's window attention is dot-product attention with additive constants (bias, shift mask): the
+        # rules and options of nn.MultiheadAttention apply, computed by _window_kernel
+        return "mha" if isinstance(module, WindowAttention) else None
+
     def kernel(self, module, kind, steps, track):
         if kind == "deform_attn" and isinstance(module, MSDeformAttn):
             return _deform_kernel(module, steps)
+        if kind == "mha" and isinstance(module, WindowAttention):
+            return _window_kernel(module, steps, track)
         return None  # nn.MultiheadAttention: the engine's own
 
     def conv_epilogue(self, module):
