@@ -193,7 +193,8 @@ def multihead_attention(module: nn.MultiheadAttention, query, key, value, key_pa
 
 def _tracker(p: _Patch) -> Callable[..., torch.Tensor | None]:
     """``track(suffix, tensor, category="bias")``: book a constant the module uses under its own name."""
-    return lambda suffix, tensor, category="bias": p.ledger.track(category, f"{p.name}.{suffix}", tensor)
+    prefix = f"{p.name}." if p.name else ""  # the model itself is the attention module: no leading dot
+    return lambda suffix, tensor, category="bias": p.ledger.track(category, prefix + suffix, tensor)
 
 
 def _mha_forward(module: nn.Module, rule: Rule, p: _Patch) -> Callable:
