@@ -355,8 +355,8 @@ def test_every_official_swin_yaml_explains(path):
 
 def test_explaining_a_swin_model_conserves_at_the_backbone_cut():
     """Below the backbone every rule of the conservative composite conserves, so the four features together
-    (each an output norm of a stage the next stage reads before that norm) carry the target exactly. The
-    pixel cut passes through window attention, whose LRP rules come later (only the sums are checked)."""
+    (each an output norm of a stage the next stage reads before that norm) carry the target exactly; with
+    AH window attention the pixels do too (biases and the booked constants take the rest)."""
     from maskdino_lrp.lrp import LRP
     from maskdino_lrp.model.maskdino import build_model
 
@@ -372,6 +372,7 @@ def test_explaining_a_swin_model_conserves_at_the_backbone_cut():
     row = explanation.conservation["pixels"]
     assert torch.allclose(row["total"] + row["bias"] + row["embeddings"] + row["positional"] + row["residual"],
                           row["target"])
+    assert (row["residual"].abs() / row["target"].abs()).max() < 1e-6
     for stop, relevance in explanation.relevance.items():  # the bias-table gather and the rolls batch under vmap
         assert torch.allclose(runs["vmap"].relevance[stop], relevance, rtol=1e-8, atol=1e-12), stop
 

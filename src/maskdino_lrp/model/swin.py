@@ -25,6 +25,8 @@ shift mask (constant tensors added to the logits), ``attn.softmax`` (nn.Softmax)
 (attention·v, an :class:`AttentionProduct`) and ``attn.proj`` (nn.Linear). :func:`window_attention`
 runs the steps and takes replacements for each, as the engine's ``multihead_attention`` does for
 ``nn.MultiheadAttention``. The MLP's activation is an ``nn.GELU`` module; every norm is an ``nn.LayerNorm``.
+The MaskDINO adapter gives ``WindowAttention`` the attention kind and computes it through
+:func:`window_attention` under the attention rules (AttnLRP, AH), booking the bias and the mask.
 """
 from __future__ import annotations
 
