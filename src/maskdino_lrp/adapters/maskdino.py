@@ -1,4 +1,8 @@
-"""MaskDINO's adapter: where its stops are, what its hooks book, how its modules compute under a rule."""
+"""MaskDINO's adapter: where its stops are, what its hooks book, how its modules compute under a rule.
+
+Its own attention modules: MSDeformAttn (``deform_attn``) and, in Swin models, the backbone's WindowAttention,
+which is of the ``mha`` kind (the rules and options of nn.MultiheadAttention) with additive constants.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +54,8 @@ def _deform_kernel(module: MSDeformAttn, steps: DeformSteps) -> Callable:
     return forward
 
 
-def _window_kernel(module: WindowAttention, steps: AttentionSteps, track: Callable[..., torch.Tensor | None]) -> Callable:
+def _window_kernel(module: WindowAttention, steps: AttentionSteps,
+                   track: Callable[..., torch.Tensor | None]) -> Callable:
     """Swin's window attention through :func:`window_attention` under a rule's :class:`AttentionSteps`.
 
     The projections stay the ``qkv`` / ``proj`` modules (each under its own rule, biases booked there); q·kᵀ,
