@@ -34,6 +34,7 @@ _EPILOG_EXPLAIN = """\
 examples:
   maskdino-lrp explain street.jpg --config maskdino_r50_3s_coco --checkpoint model_final.pth --out runs/street
   maskdino-lrp explain images/ --config tiny --queries thr:0.5 --stops pixels,encoder_input,memory --out runs/a
+  maskdino-lrp explain images/ --hf ./detr-resnet-50 --queries topk:3 --out runs/detr   (save_pretrained folder)
 
 Each image gets a folder under --out with, per explained query, token CSVs (level,y,x,relevance,raw;
 relevance sums to 1), per-layer totals, raw arrays (.npz), metadata JSON and PNG overlays; the run
@@ -102,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "and write CSVs, arrays, overlays and report.html.", epilog=_EPILOG_EXPLAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders of images")
-    p.add_argument("--config", required=True, metavar="CFG",
-                   help="preset name (tiny, maskdino_r50_3s_coco, …) or an official MaskDINO YAML")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config", metavar="CFG",
+                       help="preset name (tiny, maskdino_r50_3s_coco, …) or an official MaskDINO YAML")
+    model.add_argument("--hf", metavar="DIR",
+                       help="a local Hugging Face save_pretrained folder of a DETR (DetrForObjectDetection; "
+                       "needs pip install maskdino-lrp[hf]); class names from its config's id2label")
     p.add_argument("--checkpoint", metavar="CKPT", help="weights: official .pth / detectron2 .pkl / .safetensors "
                    "(without: a preset's shipped weights, e.g. demo's, else random weights seeded by --seed, "
                    "with a warning)")
@@ -196,6 +201,8 @@ def _cmd_explain(args) -> int:
         raise CliError(f"unknown output format {(bad or [''])[0]!r}; choose from {', '.join(FORMATS)} or all")
     options = LRPOptions(chunk_size=args.chunk_size, stops=args.stops, keep_channels=args.keep_channels,
                          dtype=args.dtype, memory_budget_gb=args.memory_budget)
+    if args.hf is not None:
+        return _explain_hf(args, options, formats)
     check_instance_task(load_config(args.config), warn=False, source=args.config)  # before any work
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise CliError(f"checkpoint not found: {args.checkpoint}")
@@ -215,6 +222,11 @@ def _cmd_explain(args) -> int:
     runner.load_manifest()  # a folder with other settings is an input error, before the model is built
     runner.check_lock()  # a folder another run is writing: refused before the model is built
     _ = runner.model  # built before any image: an unfit checkpoint is one error, random weights one warning
+    return _run(runner, args)
+
+
+def _run(runner, args) -> int:
+    """Run the explainer over the images; the one-line report and the exit code."""
     counts = runner.run_all(args.images)
     print(f"{counts['done']} image(s) explained ({counts['queries']} queries), {counts['skipped']} already done, "
           f"{counts['failed']} failed; report: {os.path.join(args.out, 'report.html')}")
@@ -226,6 +238,66 @@ def _cmd_explain(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+HF_INSTALL = "pip install maskdino-lrp[hf]"
+
+
+def _check_hf_folder(folder: str) -> None:
+    """CliError unless ``folder`` looks like a local ``save_pretrained`` folder (cheap: no import, no load)."""
+    if not os.path.isdir(folder):
+        raise CliError(f"--hf {folder}: no such folder (give a local save_pretrained folder)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise CliError(f"--hf {folder}: not a Hugging Face model folder (no config.json; save one with "
+                       "model.save_pretrained)")
+
+
+def load_hf_model(folder: str):
+    """``AutoModelForObjectDetection`` from a local ``save_pretrained`` folder, in eval mode, checked to be a
+    model an adapter explains; CliError if the folder is not one or transformers is missing."""
+    from .adapters import find_adapter
+
+    _check_hf_folder(folder)
+    try:
+        from transformers import AutoModelForObjectDetection
+    except ImportError:
+        raise CliError(f"--hf needs transformers: {HF_INSTALL}") from None
+    try:
+        model = AutoModelForObjectDetection.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:  # no weights, an unknown model type, a broken config
+        message = " ".join(str(exc).split())[:300]
+        raise CliError(f"--hf {folder}: cannot load an object-detection model ({type(exc).__name__}: {message})") \
+            from None
+    adapter = find_adapter(model)
+    if adapter is None:
+        raise CliError(f"--hf {folder}: {type(model).__name__} is not a model maskdino-lrp explains "
+                       "(supported: DetrForObjectDetection)")
+    adapter.check(model)  # EngineError (one line) for an unsupported variant, e.g. a timm backbone
+    return model.eval()
+
+
+def _explain_hf(args, options, formats: list[str]) -> int:
+    """``explain --hf DIR``: the same runner on a Hugging Face model (loaded after the cheap checks)."""
+    from .analysis.runner import BatchExplainer, check_inputs, check_output_folder
+
+    for flag, given in (("--checkpoint", args.checkpoint), ("--partial-load", args.partial_load),
+                        ("--memory-budget", args.memory_budget)):
+        if given:  # the weights are the folder's; the memory estimate knows MaskDINO configs only
+            raise CliError(f"{flag} does not apply to --hf models")
+    _check_hf_folder(args.hf)  # a bad folder fails before images and the output folder are touched
+    check_inputs(args.images)
+    check_output_folder(args.out)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    runner = BatchExplainer(lambda: load_hf_model(args.hf), args.out, queries=args.queries, target=args.target,
+                            composite=args.composite, options=options, formats=formats, seed=args.seed,
+                            progress=not args.no_progress, model_name=f"hf:{args.hf}")
+    runner.load_manifest()  # other settings or a busy folder: refused before the model is loaded
+    runner.check_lock()
+    _ = runner.model  # loaded before any image: a bad folder is one error, not one failure per image
+    return _run(runner, args)
 
 
 def _cmd_validate(args) -> int:

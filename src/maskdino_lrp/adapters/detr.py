@@ -112,7 +112,10 @@ class DetrAdapter(Adapter):
         if not _is_detr(model, "DetrForObjectDetection"):
             raise EngineError(f"{type(model).__name__} is not a model the DETR adapter explains: give a "
                               "transformers.DetrForObjectDetection")
-        if model.config.use_timm_backbone:
+        # a config loaded by from_pretrained may lack the flag (transformers 5 consumes it): look at the modules too
+        backbone = model.model.backbone if hasattr(model, "model") else model
+        if getattr(model.config, "use_timm_backbone", False) or any(
+                type(m).__module__.startswith("timm.") for m in backbone.modules()):
             raise EngineError("DETR with a timm backbone is not supported: build it with use_timm_backbone=False "
                               "and a transformers ResNetConfig backbone")
 

@@ -538,14 +538,17 @@ class BatchExplainer:
 
     ``model`` is a built :class:`~maskdino_lrp.MaskDINO`, or a config (preset / YAML / dict) that is
     built with ``checkpoint`` after seeding torch with ``seed`` (so random-weight models are the
-    same on every run, which resuming relies on).
+    same on every run, which resuming relies on), or a callable returning a built model (any model an
+    adapter explains, e.g. a Hugging Face DETR), called when the model is first needed. ``model_name``
+    names the model in the settings and each summary.json (default: the config, or the model's class).
     """
 
     def __init__(self, model: Any, out_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
                  overrides: Mapping[str, Any] | None = None, queries: Any = "topk:5", target: str = "class",
                  composite: str = "default", options: LRPOptions | None = None,
                  formats: Sequence[str] = DEFAULT_FORMATS, seed: int = 0, progress: bool = True,
-                 report: bool = True, warn: Callable[[str], None] | None = None, strict: bool = True):
+                 report: bool = True, warn: Callable[[str], None] | None = None, strict: bool = True,
+                 model_name: str | None = None):
         from ..lrp.composites import get_composite
         from ..lrp.targets import get_target, parse_queries
 
@@ -571,6 +574,7 @@ class BatchExplainer:
         self.overrides = dict(overrides or {})
         self._warn = warn or (lambda msg: _stderr(f"maskdino-lrp: warning: {msg}"))
         self._model_arg = model
+        self.model_name = model_name
         self._model = None
         self._lrp = None
         self._parameters: int | None = None
@@ -580,8 +584,8 @@ class BatchExplainer:
     def settings(self) -> dict:
         """What the outputs depend on; a resumed run must have the same."""
         model = self._model_arg
-        config = str(model) if isinstance(model, (str, os.PathLike)) else (
-            "<dict>" if isinstance(model, Mapping) else type(model).__name__)
+        config = self.model_name or (str(model) if isinstance(model, (str, os.PathLike)) else (
+            "<dict>" if isinstance(model, Mapping) else type(model).__name__))
         return {"config": config, "overrides": self.overrides, "checkpoint": self.checkpoint, "seed": self.seed,
                 "queries": self.queries, "target": self.target, "composite": self.composite,
                 "stops": list(self.options.stops), "keep_channels": self.options.keep_channels,
@@ -650,6 +654,8 @@ class BatchExplainer:
 
             if isinstance(self._model_arg, torch.nn.Module):
                 model = self._model_arg
+            elif callable(self._model_arg):  # a loader: built only once the folder and inputs are checked
+                model = self._model_arg()
             else:
                 torch.manual_seed(self.seed)
                 model = build_model(self._model_arg, overrides=self.overrides or None, checkpoint=self.checkpoint,
@@ -695,7 +701,10 @@ class BatchExplainer:
     def _weights_info(self) -> dict:
         """``{"weights": source, "random_weights": bool, …}`` of the model, for each image's summary.json."""
         info = getattr(self.model, "weights_info", None)
-        return dict(info()) if callable(info) else {}
+        if callable(info):
+            return dict(info())
+        # a model from elsewhere (Hugging Face): name it and its class, so each summary says what ran
+        return {"weights": self.settings["config"], "model_class": type(self.model).__name__}
 
     # -------------------------------------------------------------- one image
     def _passes(self, k: int) -> int:
