@@ -87,3 +87,30 @@ def test_hf_and_config_exclusive(hf_dir, images, tmp_path, capsys):
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "not allowed with argument" in lines[0], lines
+
+
+def one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdino-lrp: error: ") and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def test_hf_folder_without_weights(hf_dir, images, tmp_path, capsys):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((hf_dir / "config.json").read_text())
+    assert main(["explain", str(images), "--hf", str(folder), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "cannot load an object-detection model" in one_line_error(capsys)
+
+
+def test_hf_without_transformers(hf_dir, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers → ImportError
+    assert main(["explain", str(images), "--hf", str(hf_dir), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "pip install maskdino-lrp[hf]" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_hf_refuses_checkpoint(hf_dir, images, tmp_path, capsys):
+    code = main(["explain", str(images), "--hf", str(hf_dir), "--checkpoint", "x.pth", "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--checkpoint does not apply to --hf" in one_line_error(capsys)

@@ -252,18 +252,24 @@ def _check_hf_folder(folder: str) -> None:
                        "model.save_pretrained)")
 
 
+def _import_auto_model():
+    """transformers' ``AutoModelForObjectDetection``; CliError (how to install it) if transformers is missing."""
+    try:
+        from transformers import AutoModelForObjectDetection
+    except ImportError:
+        raise CliError(f"--hf needs transformers: {HF_INSTALL}") from None
+    return AutoModelForObjectDetection
+
+
 def load_hf_model(folder: str):
     """``AutoModelForObjectDetection`` from a local ``save_pretrained`` folder, in eval mode, checked to be a
     model an adapter explains; CliError if the folder is not one or transformers is missing."""
     from .adapters import find_adapter
 
     _check_hf_folder(folder)
+    auto = _import_auto_model()
     try:
-        from transformers import AutoModelForObjectDetection
-    except ImportError:
-        raise CliError(f"--hf needs transformers: {HF_INSTALL}") from None
-    try:
-        model = AutoModelForObjectDetection.from_pretrained(folder, local_files_only=True)
+        model = auto.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:  # no weights, an unknown model type, a broken config
         message = " ".join(str(exc).split())[:300]
         raise CliError(f"--hf {folder}: cannot load an object-detection model ({type(exc).__name__}: {message})") \
@@ -284,7 +290,8 @@ def _explain_hf(args, options, formats: list[str]) -> int:
                         ("--memory-budget", args.memory_budget)):
         if given:  # the weights are the folder's; the memory estimate knows MaskDINO configs only
             raise CliError(f"{flag} does not apply to --hf models")
-    _check_hf_folder(args.hf)  # a bad folder fails before images and the output folder are touched
+    _check_hf_folder(args.hf)  # a bad folder or no transformers fails before the output folder is made
+    _import_auto_model()
     check_inputs(args.images)
     check_output_folder(args.out)
     if args.threads:
