@@ -28,6 +28,8 @@ def hf_dir(tmp_path_factory) -> Path:
                                      id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
     folder = tmp_path_factory.mktemp("detr")
     transformers.DetrForObjectDetection(config).save_pretrained(folder)
+    # the processor's resize applies: shortest edge 40 (longest at most 60)
+    transformers.DetrImageProcessor(size={"shortest_edge": 40, "longest_edge": 60}).save_pretrained(folder)
     return folder
 
 
@@ -58,6 +60,7 @@ def test_explain_hf_resume_validate(hf_dir, images, tmp_path, capsys):
         meta = json.loads((out / name / f"q{summary['queries'][0]['query']:03d}_meta.json").read_text())
         assert meta["class"] in ("cat", "dog", "bird")  # from the config's id2label
         assert meta["mask_rle"] is None  # DETR has no masks
+        assert meta["image_size"] == [64, 48] and meta["input_size"] == [53, 40]  # resized as the processor says
     assert (out / "report.html").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["config"] == f"hf:{hf_dir}" and manifest["finished"]

@@ -35,6 +35,30 @@ def _is_detr(module: nn.Module, *names: str) -> bool:
     return cls.__module__ == _DETR_MODULE and (not names or cls.__name__ in names)
 
 
+def read_preprocessor(folder: str) -> dict | None:
+    """The resize and normalisation of a ``save_pretrained`` folder's ``preprocessor_config.json`` (None if absent),
+    as :meth:`DetrAdapter.prepare` reads them from a model's ``lrp_preprocess`` attribute."""
+    import json
+    import os
+
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    size = config.get("size") or {}
+    out: dict[str, Any] = {}
+    if config.get("do_resize", True) and "shortest_edge" in size:
+        out["shortest_edge"] = int(size["shortest_edge"])
+        out["longest_edge"] = int(size.get("longest_edge") or 10 ** 9)
+    if config.get("do_normalize", True):
+        out["image_mean"] = tuple(float(v) for v in config.get("image_mean", IMAGENET_MEAN))
+        out["image_std"] = tuple(float(v) for v in config.get("image_std", IMAGENET_STD))
+    else:
+        out["image_mean"], out["image_std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return out
+
+
 def _is_frozen_norm(norm: Any) -> bool:
     return isinstance(norm, nn.Module) and hasattr(norm, "running_mean") and hasattr(norm, "running_var")
 
@@ -45,7 +69,7 @@ class DetrInput:
 
     tensor: torch.Tensor
     rgb: np.ndarray
-    resized_size: tuple[int, int]  # no resizing: the image's own (H, W)
+    resized_size: tuple[int, int]  # (h, w) of the tensor: the image's own unless the processor resizes
     original_size: tuple[int, int]
 
 
@@ -137,23 +161,27 @@ class DetrAdapter(Adapter):
 
     # ------------------------------------------------------------------ pixels and outputs
     def prepare(self, model, image, channel_order="RGB"):
-        from ..model.maskdino import read_image
+        from ..model.maskdino import read_image, resize_shortest_edge
 
         rgb = read_image(image, channel_order)
+        settings = getattr(model, "lrp_preprocess", None) or {}  # set from a preprocessor config (read_preprocessor)
+        resized = rgb
+        if "shortest_edge" in settings:  # the processor's resize, so the model sees what it was trained on
+            resized = resize_shortest_edge(rgb, settings["shortest_edge"], settings["longest_edge"])
         param = next(model.parameters())
-        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(param) / 255.0
-        mean, std = self._stats(param)
-        size = tuple(rgb.shape[:2])
-        return DetrInput(((x - mean) / std)[None], rgb, size, size)
+        x = torch.from_numpy(resized.copy()).permute(2, 0, 1).to(param) / 255.0
+        mean, std = self._stats(model, param)
+        return DetrInput(((x - mean) / std)[None], rgb, tuple(resized.shape[:2]), tuple(rgb.shape[:2]))
 
     @staticmethod
-    def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=like.dtype, device=like.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=like.dtype, device=like.device).view(3, 1, 1)
-        return mean, std
+    def _stats(model: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        settings = getattr(model, "lrp_preprocess", None) or {}
+        mean = torch.tensor(settings.get("image_mean", IMAGENET_MEAN), dtype=like.dtype, device=like.device)
+        std = torch.tensor(settings.get("image_std", IMAGENET_STD), dtype=like.dtype, device=like.device)
+        return mean.view(3, 1, 1), std.view(3, 1, 1)
 
     def input_bounds(self, model, x):
-        mean, std = self._stats(x)
+        mean, std = self._stats(model, x)
         return ((0.0 - mean) / std).expand_as(x).contiguous(), ((1.0 - mean) / std).expand_as(x).contiguous()
 
     def forward(self, model, x, records):
