@@ -329,5 +329,9 @@ def test_evaluate_shards_and_resume_give_the_uninterrupted_table(model, tmp_path
     assert run.main(["--config", "tiny", "--max-fraction", "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     # a bad config is refused before anything is written, so the corrected command can use the folder
     assert run.main(["--config", "nope", "--out", str(tmp_path / "y"), "--quiet"]) == 2
-    assert not (tmp_path / "y" / "parts").exists()
+    assert not (tmp_path / "y").exists()
+    semantic = tmp_path / "semantic.yaml"  # refused at build time (no instance output): no folder either
+    semantic.write_text("MODEL:\n  META_ARCHITECTURE: MaskDINO\n  MaskDINO:\n    TEST:\n      INSTANCE_ON: False\n")
+    assert run.main(["--config", str(semantic), "--out", str(tmp_path / "z"), "--quiet"]) == 2
+    assert not (tmp_path / "z").exists()
     assert "up to 50 %" in (tmp_path / "whole" / "summary.md").read_text()

@@ -134,7 +134,6 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
                             methods=[m for m in requested if m not in skipped], **options)
     _check(settings)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = [f"`{m}` skipped: {why}" for m, why in skipped.items()]
 
     if model is None:
@@ -145,6 +144,7 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
             model = build_model(settings.config, checkpoint=settings.checkpoint)
             if settings.checkpoint is None:
                 log.warning("evaluating %s with random weights (no checkpoint)", settings.config)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused config or checkpoint leaves no folder behind
     parts = PartStore(out / "parts", settings)
     indices = [i for i in range(settings.n_images) if shard is None or i % shard[1] == shard[0]]
     todo = [] if aggregate_only else [i for i in indices if not (resume and parts.has(i))]
