@@ -18,6 +18,23 @@ def fixture_dir(name: str) -> Path:
     return path
 
 
+def zero_additive_constants(model) -> None:
+    """Set every additive constant that could absorb relevance to zero: biases, batch-norm shifts and
+    relative-position bias tables. Deformable attention's sampling-offset and attention-weight biases keep
+    theirs: they choose where to look (positional), they add nothing to the value path."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (name.endswith("bias") and "sampling_offsets" not in name and "attention_weights" not in name) \
+                    or name.endswith("relative_position_bias_table"):
+                p.zero_()
+        for m in model.modules():
+            if hasattr(m, "running_mean"):
+                m.running_mean.zero_()
+                m.bias.zero_()
+
+
 def pytest_configure(config):
     # One intra-op thread: on a 2-core machine shared with other work, OpenMP threads that
     # oversubscribe the cores make small ops orders of magnitude slower.

@@ -14,6 +14,7 @@ from maskdino_lrp.adapters import find_adapter  # noqa: E402
 from maskdino_lrp.adapters.detr import DetrAdapter  # noqa: E402
 from maskdino_lrp.lrp.engine import lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
+from conftest import zero_additive_constants
 
 QUERIES = [0, 3, 5]
 CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
@@ -37,18 +38,6 @@ def tiny_detr(seed: int = 0) -> torch.nn.Module:
                 m.running_var.uniform_(0.5, 1.5)
                 m.bias.normal_(0.0, 0.1)
     return model
-
-
-def zero_additive_constants(model: torch.nn.Module) -> None:
-    """Every bias, LayerNorm β and batch-norm shift set to zero (position embeddings are booked, not zeroed)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-        for m in model.modules():
-            if hasattr(m, "running_mean"):
-                m.running_mean.zero_()
-                m.bias.zero_()
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,10 @@ from maskdino_lrp.lrp.engine import EngineError, lrp_mode
 from maskdino_lrp.lrp.explainer import LRP
 from maskdino_lrp.lrp.targets import TargetError
 from maskdino_lrp.model.deform_attn import MSDeformAttn
+from conftest import zero_additive_constants
 
 ALL_STOPS = ["pixels", "backbone", "encoder_input", "encoder_layers", "memory", "mask_features", "query_init",
              "decoder_layers"]
-
-
-def zero_biases(model: nn.Module) -> None:
-    """Every bias that could absorb relevance set to zero (sampling offsets keep theirs: they are positional)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and "sampling_offsets" not in name and "attention_weights" not in name:
-                p.zero_()
-        for m in model.modules():
-            if hasattr(m, "running_mean"):
-                m.running_mean.zero_()
-                m.bias.zero_()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +25,7 @@ def image():
 def model64():
     torch.manual_seed(0)
     model = build_model("tiny").double()
-    zero_biases(model)
+    zero_additive_constants(model)
     with torch.no_grad():  # LayerNorm weights of 1 would make the embedding target sum to exactly 0
         model.sem_seg_head.predictor.decoder_norm.weight.uniform_(0.5, 1.5)
     return model

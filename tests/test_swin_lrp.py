@@ -14,6 +14,7 @@ from maskdino_lrp.lrp.engine import lrp_mode
 from maskdino_lrp.lrp.rules import Rule
 from maskdino_lrp.model.maskdino import build_model
 from maskdino_lrp.model.swin import SwinTransformerBlock, WindowAttention, shift_attention_mask
+from conftest import zero_additive_constants
 
 # the small official-layout Swin MaskDINO of tests/test_swin.py, window 5: every stage pads and shifts
 SMALL = {
@@ -28,20 +29,6 @@ SMALL = {
 def swin_model(seed: int = 7) -> nn.Module:
     torch.manual_seed(seed)
     return build_model("maskdino_swint_coco", overrides=SMALL).double()
-
-
-def zero_constants(model: nn.Module) -> None:
-    """Every additive constant that could absorb relevance set to zero, the relative-position tables included
-    (sampling offsets and attention-weight biases are positional and keep theirs)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if (name.endswith("bias") and "sampling_offsets" not in name and "attention_weights" not in name) \
-                    or name.endswith("relative_position_bias_table"):
-                p.zero_()
-        for m in model.modules():
-            if hasattr(m, "running_mean"):
-                m.running_mean.zero_()
-                m.bias.zero_()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +53,7 @@ def test_zero_constant_conservation_to_the_pixels(image):
     """Every additive constant zeroed (bias tables included), AH window attention, float64: the pixels carry the
     target at every cut, through window partition, cyclic shift, padding, cropping and patch merging."""
     model = swin_model()
-    zero_constants(model)
+    zero_additive_constants(model)
     with torch.no_grad():  # LayerNorm weights of 1 would make some targets degenerate
         model.sem_seg_head.predictor.decoder_norm.weight.uniform_(0.5, 1.5)
     for target in ("class", "mask"):

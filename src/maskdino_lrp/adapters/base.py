@@ -125,21 +125,26 @@ class Adapter:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ pixels and outputs (used by LRP)
+    def _not_for_images(self, method: str) -> NotImplementedError:
+        # The generic adapter serves lrp_mode on plain networks; explaining images needs a family's adapter.
+        return NotImplementedError(f"the {self.name} adapter has no {method}(): explaining images needs a model "
+                                   "family's adapter (pass adapter=, or see maskdino_lrp.adapters)")
+
     def prepare(self, model: nn.Module, image: Any, channel_order: str = "RGB") -> Any:
         """Pre-process an image; the result has ``tensor`` (1, 3, H, W), ``rgb`` and ``resized_size``."""
-        raise NotImplementedError
+        raise self._not_for_images("prepare")
 
     def input_bounds(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Lowest and highest value each input element can take (the z^B rule's bounds), shaped like x."""
-        raise NotImplementedError
+        raise self._not_for_images("input_bounds")
 
     def forward(self, model: nn.Module, x: torch.Tensor, records: Records) -> dict:
         """Run the model; returns the standard outputs (``pred_logits`` (B, Q, C), ``pred_boxes``, …)."""
-        raise NotImplementedError
+        raise self._not_for_images("forward")
 
     def postprocess(self, model: nn.Module, outputs: dict, prepared: Any) -> Any:
         """Detections (``query_indices``, ``labels``, ``scores``, sorted by score) from the outputs."""
-        raise NotImplementedError
+        raise self._not_for_images("postprocess")
 
     def describe(self, model: nn.Module, outputs: dict, prepared: Any, queries: torch.Tensor,
                  labels: torch.Tensor) -> list[dict]:
