@@ -279,7 +279,7 @@ def load_hf_model(folder: str):
         raise CliError(f"--hf {folder}: {type(model).__name__} is not a model maskdino-lrp explains "
                        "(supported: DetrForObjectDetection)")
     adapter.check(model)  # EngineError (one line) for an unsupported variant, e.g. a timm backbone
-    from .adapters.detr import read_preprocessor
+    from .adapters.hf_common import read_preprocessor
 
     try:  # the folder's resize and normalisation, which the adapter applies (its defaults: ImageNet, no resize)
         model.lrp_preprocess = read_preprocessor(folder)

@@ -1,0 +1,292 @@
+"""What the adapters of Hugging Face DETR-family detectors share: :class:`HFDetectionAdapter` and its helpers.
+
+A family's adapter subclasses :class:`HFDetectionAdapter` and declares, as class attributes, the transformers
+module its classes come from (``modeling``), its whole-model class names (``model_classes``), its dot-product
+attention classes (``attention_classes``, computed by :func:`qkv_attention_kernel`), the score its detections
+are ranked by (``score``: ``"softmax"`` without the last, no-object class, as DETR; ``"sigmoid"``, as
+Deformable DETR and RT-DETR) and its stops; it writes ``record`` (hooks that record the stops and book the
+constant inputs), ``stop_tensors``, ``ledger_scope`` and ``cuts``. Deformable attention modules are computed
+by :func:`~.hf_deformable.deformable_kernel` without further declaration.
+
+The base does the rest the transformers way: the image is resized and normalised as the folder's
+``preprocessor_config.json`` says (:func:`read_preprocessor`, stored on the model as ``lrp_preprocess``),
+the model is called with ``pixel_values``, the frozen batch norms right after a convolution are folded,
+and the detections are the queries ranked by their best class score. transformers itself is never imported
+here: classes are recognised by their module and name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..lrp.engine import EngineError, Ledger
+from ..lrp.rules import AttentionSteps
+from .base import Adapter, Records
+from .hf_deformable import deformable_kernel, is_deformable
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HFInput", "HFDetections", "HFDetectionAdapter", "is_hf_class",
+           "is_frozen_norm", "read_preprocessor", "qkv_attention_kernel", "book_output", "book_input",
+           "append_output"]
+
+# the statistics transformers' DETR-family image processors normalise with by default
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def is_hf_class(module: nn.Module, modeling: str, names: Sequence[str] = ()) -> bool:
+    """Whether ``module``'s class comes from the transformers module ``modeling`` (and is one of ``names``)."""
+    cls = type(module)
+    return cls.__module__ == modeling and (not names or cls.__name__ in names)
+
+
+def is_frozen_norm(norm: Any) -> bool:
+    """A batch norm with fixed statistics (transformers' ``*FrozenBatchNorm2d``, or ``nn.BatchNorm2d``)."""
+    return isinstance(norm, nn.Module) and hasattr(norm, "running_mean") and hasattr(norm, "running_var") \
+        and not isinstance(norm, (nn.GroupNorm, nn.LayerNorm))
+
+
+def read_preprocessor(folder: str) -> dict | None:
+    """The resize and normalisation of a ``save_pretrained`` folder's ``preprocessor_config.json`` (None if absent),
+    as :meth:`HFDetectionAdapter.prepare` reads them from a model's ``lrp_preprocess`` attribute.
+
+    ``shortest_edge``/``longest_edge`` resize keeping the aspect ratio (DETR, Deformable DETR); ``height`` and
+    ``width`` resize to a fixed size (RT-DETR); ``rescale_factor`` and ``image_mean``/``image_std`` normalise.
+    """
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    size = config.get("size") or {}
+    out: dict[str, Any] = {}
+    if config.get("do_resize", True):
+        if "shortest_edge" in size:
+            out["shortest_edge"] = int(size["shortest_edge"])
+            out["longest_edge"] = int(size.get("longest_edge") or 10 ** 9)
+        elif "height" in size and "width" in size:
+            out["height"], out["width"] = int(size["height"]), int(size["width"])
+    if config.get("do_rescale", True):
+        out["rescale_factor"] = float(config.get("rescale_factor", 1 / 255))
+    else:
+        out["rescale_factor"] = 1.0
+    if config.get("do_normalize", True):
+        out["image_mean"] = tuple(float(v) for v in config.get("image_mean", IMAGENET_MEAN))
+        out["image_std"] = tuple(float(v) for v in config.get("image_std", IMAGENET_STD))
+    else:
+        out["image_mean"], out["image_std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return out
+
+
+@dataclass
+class HFInput:
+    """An image prepared for a transformers detector: the normalised tensor (1, 3, H, W) and its RGB source."""
+
+    tensor: torch.Tensor
+    rgb: np.ndarray
+    resized_size: tuple[int, int]  # (h, w) of the tensor: the image's own unless the processor resizes
+    original_size: tuple[int, int]
+
+
+@dataclass
+class HFDetections:
+    """Queries sorted by their best class score (softmax without no-object, or sigmoid, per family)."""
+
+    query_indices: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.query_indices.numel())
+
+
+# ----------------------------------------------------------------------------- kernels and hooks
+def qkv_attention_kernel(module: nn.Module, steps: AttentionSteps, track: Callable, cross: bool = False,
+                         output: str = "o_proj") -> Callable:
+    """A transformers DETR-style attention (``q_proj``/``k_proj``/``v_proj``, ``output``; ``head_dim``,
+    ``scaling``; position embeddings added to queries and keys, not values) under a rule's steps.
+
+    Self-attention takes ``(hidden_states, attention_mask, position_embeddings)``; ``cross=True`` (DETR's
+    ``DetrCrossAttention``) adds ``key_value_states`` and ``encoder_position_embeddings`` for the keys. The
+    position embeddings are booked per call (``positional``), so each use's relevance is counted where it
+    enters. The projections are the patched linear modules (their rule, their biases booked).
+    """
+    out_proj = getattr(module, output)
+
+    def forward(hidden_states, key_value_states=None, attention_mask=None, position_embeddings=None,
+                encoder_position_embeddings=None, **_):
+        position_embeddings = track("position_embeddings", position_embeddings, "positional")
+        if not cross:
+            key_value_states, key_pos = hidden_states, position_embeddings
+        else:
+            key_pos = track("encoder_position_embeddings", encoder_position_embeddings, "positional")
+        b, lq, _ = hidden_states.shape
+        lk = key_value_states.shape[1]
+        d = module.head_dim
+        query_in = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        key_in = key_value_states if key_pos is None else key_value_states + key_pos
+        # (B, L, C) -> (B·H, L, d)
+        q = module.q_proj(query_in).view(b, lq, -1, d).transpose(1, 2).reshape(-1, lq, d)
+        k = module.k_proj(key_in).view(b, lk, -1, d).transpose(1, 2).reshape(-1, lk, d)
+        v = module.v_proj(key_value_states).view(b, lk, -1, d).transpose(1, 2).reshape(-1, lk, d)
+        heads = q.shape[0] // b
+        logits = steps.scores(q, k.transpose(1, 2)) * module.scaling
+        if attention_mask is not None:  # (B, 1, Lq, Lk): additive, or boolean with True = attend
+            mask = attention_mask.expand(b, heads, lq, lk).reshape(-1, lq, lk)
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        attn = steps.probabilities(logits)
+        out = steps.mix(attn, v).view(b, heads, lq, d).transpose(1, 2).reshape(b, lq, heads * d)
+        return out_proj(out), attn.detach().view(b, heads, lq, lk)
+
+    return forward
+
+
+def book_output(ledger: Ledger, name: str, category: str = "positional") -> Callable:
+    """A forward hook that replaces a module's output by a leaf booked in ``ledger`` (a constant input the
+    downstream computation reads, e.g. a position embedding module's output)."""
+    return lambda _m, _args, out: ledger.track(category, name, out)
+
+
+def book_input(ledger: Ledger, name: str, category: str = "positional") -> Callable:
+    """A forward pre-hook that replaces a module's first positional input by a leaf booked in ``ledger``
+    (e.g. the sine embedding of detached proposal boxes that a projection reads)."""
+    return lambda _m, args: (ledger.track(category, name, args[0]),) + tuple(args[1:])
+
+
+def append_output(into: list, pick: Callable[[Any], torch.Tensor] | None = None) -> Callable:
+    """A forward hook appending a module's output (or ``pick(output)``) to ``into`` (one entry per layer)."""
+    return lambda _m, _args, out: into.append(pick(out) if pick is not None else out)
+
+
+# ----------------------------------------------------------------------------- the base adapter
+class HFDetectionAdapter(Adapter):
+    """The shared part of the transformers DETR-family adapters (see the module docstring)."""
+
+    modeling: str = ""  # e.g. "transformers.models.detr.modeling_detr"
+    model_classes: tuple[str, ...] = ()  # whole models this adapter explains
+    attention_classes: tuple[str, ...] = ()  # DETR-style dot-product attention (q/k/v/o_proj)
+    cross_attention_classes: tuple[str, ...] = ()  # … whose keys come from the memory (DETR's cross-attention)
+    score: str = "sigmoid"  # "softmax": the last class is "no object"; "sigmoid": independent classes
+    # (conv, norm) attribute pairs of the backbone's conv layers whose norm follows the conv directly
+    conv_norm_attributes: tuple[tuple[str, str], ...] = (("convolution", "normalization"),)
+    groups = {"backbone": ("model.backbone.*", "backbone.*")}
+
+    # ------------------------------------------------------------------ detection
+    def _ours(self, module: nn.Module, names: Sequence[str] = ()) -> bool:
+        return is_hf_class(module, self.modeling, names)
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(self._ours(m) for m in model.modules())
+
+    def check(self, model: nn.Module) -> None:
+        if not self._ours(model, self.model_classes):
+            raise EngineError(f"{type(model).__name__} is not a model the {self.name} adapter explains: give a "
+                              f"transformers {' or '.join(self.model_classes)}")
+        # a config loaded by from_pretrained may lack the flag (transformers 5 consumes it): look at the modules too
+        if getattr(model.config, "use_timm_backbone", False) or any(
+                type(m).__module__.startswith("timm.") for m in self.backbone(model).modules()):
+            raise EngineError(f"{self.name} with a timm backbone is not supported: build it with "
+                              "use_timm_backbone=False and a transformers backbone config (e.g. ResNetConfig)")
+
+    @staticmethod
+    def backbone(model: nn.Module) -> nn.Module:
+        """The CNN body (``model.model.backbone`` of a whole model; the model itself for a part)."""
+        inner = getattr(model, "model", None)
+        return getattr(inner, "backbone", model) if isinstance(inner, nn.Module) else model
+
+    # ------------------------------------------------------------------ modules
+    def module_kind(self, name, module):
+        return "mha" if self._ours(module, self.attention_classes + self.cross_attention_classes) else None
+
+    def kernel(self, module, kind, steps, track):
+        if kind == "mha" and self._ours(module, self.attention_classes + self.cross_attention_classes):
+            return qkv_attention_kernel(module, steps, track, cross=self._ours(module, self.cross_attention_classes))
+        if kind == "deform_attn" and is_deformable(module):
+            return deformable_kernel(module, steps, track)
+        return None
+
+    def batchnorm_pairs(self, model):
+        pairs = []
+        for m in model.modules():
+            for conv, norm in self.conv_norm_attributes:
+                if isinstance(getattr(m, conv, None), nn.Conv2d) and is_frozen_norm(getattr(m, norm, None)):
+                    pairs.append((getattr(m, conv), getattr(m, norm)))
+        return pairs
+
+    def pixel_layer(self, model):
+        return super().pixel_layer(self.backbone(model))
+
+    def encoder_output(self, records: Records) -> torch.Tensor:
+        """The last encoder layer's output, recorded under ``encoder_layers`` by the family's ``record``."""
+        return records.tensors["encoder_layers"][-1]
+
+    # ------------------------------------------------------------------ pixels and outputs
+    def prepare(self, model, image, channel_order="RGB"):
+        from ..model.maskdino import read_image, resize_shortest_edge
+
+        rgb = read_image(image, channel_order)
+        settings = getattr(model, "lrp_preprocess", None) or {}  # from a preprocessor config (read_preprocessor)
+        resized = rgb
+        if "shortest_edge" in settings:  # the processor's resize, so the model sees what it was trained on
+            resized = resize_shortest_edge(rgb, settings["shortest_edge"], settings["longest_edge"])
+        elif "height" in settings:
+            resized = _resize_to(rgb, settings["height"], settings["width"])
+        param = next(model.parameters())
+        x = torch.from_numpy(resized.copy()).permute(2, 0, 1).to(param) * settings.get("rescale_factor", 1 / 255)
+        mean, std = self._stats(model, param)
+        return HFInput(((x - mean) / std)[None], rgb, tuple(resized.shape[:2]), tuple(rgb.shape[:2]))
+
+    @staticmethod
+    def _stats(model: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        settings = getattr(model, "lrp_preprocess", None) or {}
+        mean = torch.tensor(settings.get("image_mean", IMAGENET_MEAN), dtype=like.dtype, device=like.device)
+        std = torch.tensor(settings.get("image_std", IMAGENET_STD), dtype=like.dtype, device=like.device)
+        return mean.view(3, 1, 1), std.view(3, 1, 1)
+
+    def input_bounds(self, model, x):
+        mean, std = self._stats(model, x)
+        top = 255.0 * (getattr(model, "lrp_preprocess", None) or {}).get("rescale_factor", 1 / 255)
+        return ((0.0 - mean) / std).expand_as(x).contiguous(), ((top - mean) / std).expand_as(x).contiguous()
+
+    def forward(self, model, x, records):
+        out = model(pixel_values=x)
+        return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes, "decoder_embedding": out.last_hidden_state}
+
+    def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-class probabilities (…, C) of the object classes from the logits, as the family scores them."""
+        if self.score == "softmax":
+            return logits.softmax(-1)[..., :-1]  # the last class is "no object"
+        return logits.sigmoid()
+
+    def postprocess(self, model, outputs, prepared):
+        scores, labels = self.class_scores(outputs["pred_logits"][0].detach()).max(-1)
+        order = scores.argsort(descending=True)
+        return HFDetections(order, labels[order], scores[order])
+
+    def describe(self, model, outputs, prepared, queries, labels):
+        probs = self.class_scores(outputs["pred_logits"][0, queries].detach())
+        boxes = outputs["pred_boxes"][0, queries].detach()
+        h, w = prepared.original_size
+        id2label = getattr(model.config, "id2label", None) or {}
+        info = []
+        for i, (q, label) in enumerate(zip(queries.tolist(), labels.tolist())):
+            cx, cy, bw, bh = boxes[i].tolist()
+            score = float(probs[i, label]) if label < probs.shape[-1] else 0.0
+            info.append({"query": q, "label": label, "class": id2label.get(label, str(label)),
+                         "class_score": score, "score": score,
+                         "box": [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]})
+        return info
+
+
+def _resize_to(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A fixed-size bilinear resize (transformers' processors resize with PIL's bilinear filter)."""
+    from PIL import Image
+
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
