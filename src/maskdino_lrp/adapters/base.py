@@ -120,6 +120,11 @@ class Adapter:
                 return module
         return None
 
+    def segments(self, model: nn.Module) -> list[str]:
+        """Qualified names of modules ``LRP(recompute=True)`` recomputes in the backward instead of keeping their
+        forward graph: disjoint, with no forward hooks inside (none by default)."""
+        return []
+
     def connect(self, model: nn.Module) -> ContextManager[None]:
         """Keep connected, for the forwards inside, what the model detaches but the decision depends on."""
         return contextlib.nullcontext()

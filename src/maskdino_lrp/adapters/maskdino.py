@@ -14,15 +14,17 @@ from torch import nn
 from ..lrp.engine import EngineError, Ledger, LedgerEntry
 from ..lrp.rules import AttentionSteps, DeformSteps
 from ..model import deform_attn as da
-from ..model.decoder import MaskDINODecoder
+from ..model.backbone import BasicBlock, BottleneckBlock
+from ..model.decoder import InverseSigmoid, MaskDINODecoder, TransformerDecoder
 from ..model.deform_attn import MSDeformAttn
 from ..model.layers import Conv2d
 from ..model.maskdino import MaskDINO
-from ..model.pixel_decoder import encoder_call_inputs
-from ..model.swin import WindowAttention, window_attention
+from ..model.pixel_decoder import MSDeformAttnTransformerEncoderLayer, encoder_call_inputs
+from ..model.swin import PatchMerging, SwinTransformerBlock, WindowAttention, window_attention
 from .base import Adapter, Cut, Records, StopTensor, hooks
 
 _PREDICTOR = "sem_seg_head.predictor"
+_SEGMENTS = (BasicBlock, BottleneckBlock, SwinTransformerBlock, PatchMerging, MSDeformAttnTransformerEncoderLayer)
 # ledger entries downstream of the memory cut: the decoder, and the FPN convs after the lateral ones
 _AFTER_MEMORY = (_PREDICTOR, "sem_seg_head.pixel_decoder.layer_", "sem_seg_head.pixel_decoder.mask_features")
 
@@ -88,6 +90,9 @@ class MaskDINOAdapter(Adapter):
     _parts = (MaskDINO, MaskDINODecoder, MSDeformAttn, Conv2d, WindowAttention)
 
     # ------------------------------------------------------------------ detection
+    def __init__(self, box_chain: bool = True):
+        self.box_chain = box_chain
+
     def matches(self, model: nn.Module) -> bool:
         return any(isinstance(m, self._parts) for m in model.modules())
 
@@ -105,6 +110,8 @@ class MaskDINOAdapter(Adapter):
     def module_kind(self, name, module):
         # Swin's window attention is dot-product attention with additive constants (bias, shift mask): the
         # rules and options of nn.MultiheadAttention apply, computed by _window_kernel
+        if isinstance(module, InverseSigmoid):  # the box chain's round trip: elementwise, like its sigmoid
+            return "elementwise"
         return "mha" if isinstance(module, WindowAttention) else None
 
     def kernel(self, module, kind, steps, track):
@@ -113,6 +120,11 @@ class MaskDINOAdapter(Adapter):
         if kind == "mha" and isinstance(module, WindowAttention):
             return _window_kernel(module, steps, track)
         return None  # nn.MultiheadAttention: the engine's own
+
+    def segments(self, model):
+        # the repeated blocks that hold most of the forward graph: backbone blocks (ResNet, Swin and its patch
+        # merging) and encoder layers; a block's input is all it keeps, one block is recomputed at a time
+        return [name for name, m in model.named_modules() if isinstance(m, _SEGMENTS)]
 
     def conv_epilogue(self, module):
         if not isinstance(module, Conv2d):
@@ -133,15 +145,22 @@ class MaskDINOAdapter(Adapter):
 
     @contextlib.contextmanager
     def connect(self, model: nn.Module) -> Iterator[None]:
-        """The two-stage query content is gathered from the memory and detached officially: connect it."""
+        """The two-stage query content is gathered from the memory and detached officially: connect it. With
+        ``box_chain``, also the reference boxes: the initial boxes and each layer's box the next one refines."""
         saved = [(m, m.detach_query_content) for m in model.modules() if isinstance(m, MaskDINODecoder)]
+        chain = [(m, m.detach_reference) for m in model.modules()
+                 if isinstance(m, (MaskDINODecoder, TransformerDecoder))] if self.box_chain else []
         try:
             for m, _ in saved:
                 m.detach_query_content = False  # the selected query content is part of the decision
+            for m, _ in chain:
+                m.detach_reference = False
             yield
         finally:
             for m, value in saved:
                 m.detach_query_content = value
+            for m, value in chain:
+                m.detach_reference = value
 
     # ------------------------------------------------------------------ pixels and outputs
     def prepare(self, model, image, channel_order="RGB"):
@@ -156,7 +175,26 @@ class MaskDINOAdapter(Adapter):
     def forward(self, model, x, records):
         outputs = model(x)
         outputs["decoder_embedding"] = records.tensors.get("decoder_embedding")
+        outputs["box_anchor"] = records.tensors.get("box_anchor")
+        outputs["box_refinements"] = self._box_refinements(model, records.tensors)
         return outputs
+
+    @staticmethod
+    def _box_refinements(model: nn.Module, rec: dict) -> dict[str, torch.Tensor]:
+        """The deltas (B, Q, 4) that add up, on the anchor, to the final box's inverse sigmoid: the proposal's
+        box head (two-stage proposal boxes), each layer's delta on the box the next layer reads, and the last
+        layer's delta in its own prediction (the heads read the normed output there)."""
+        predictor = model.sem_seg_head.predictor
+        chain, own = rec.get("box_chain_deltas", []), rec.get("box_deltas", [])
+        if not own:
+            return {}
+        steps = {}
+        if predictor.two_stage and predictor.initialize_box_type == "no" and "proposal_delta" in rec:
+            steps["proposal"] = rec["proposal_delta"]
+        for i, delta in enumerate(chain[: len(own) - 1]):
+            steps[str(i)] = delta.transpose(0, 1)
+        steps[str(len(own) - 1)] = own[-1]
+        return steps
 
     def postprocess(self, model, outputs, prepared):
         return model.postprocess(outputs, prepared)
@@ -208,8 +246,22 @@ class MaskDINOAdapter(Adapter):
         def on_ref_head(_m, args):  # sine embedding of (detached) reference boxes: positional
             return (ledger.track("positional", f"{_PREDICTOR}.decoder.ref_point_head.input", args[0]),) + args[1:]
 
-        def on_box_reference(_m, _args, out):  # the box a layer refines: positional, not content
+        def on_box_reference(_m, _args, out):  # the box a layer refines: positional when the chain is cut
+            if not decoder.detach_reference:
+                return None  # connected: relevance flows on to the layer before, down to the anchor
             return ledger.track("positional", f"{_PREDICTOR}.box_reference", out)
+
+        def on_box_anchor(_m, _args, out):  # the initial boxes' constant part: grid anchor or interim mask box
+            finite = torch.isfinite(out)  # invalid proposals are inf: book the finite part, keep the values exact
+            leaf = ledger.track("positional", f"{_PREDICTOR}.box_anchor", torch.where(finite, out, 0.0))
+            rec["box_anchor"] = leaf + torch.where(finite, 0.0, out)
+            return rec["box_anchor"]
+
+        def on_proposal_delta(_m, _args, out):
+            rec["proposal_delta"] = out
+
+        def on_box_delta(name):
+            return lambda _m, _args, out: rec[name].append(out)
 
         def on_decoder_norm(_m, _args, out):  # (Q, B, C); the last call is the final prediction head's
             rec["decoder_embedding"] = out.transpose(0, 1)
@@ -229,6 +281,11 @@ class MaskDINOAdapter(Adapter):
         handles.append(head.predictor.decoder_norm.register_forward_hook(on_decoder_norm))
         if hasattr(head.predictor, "box_reference"):
             handles.append(head.predictor.box_reference.register_forward_hook(on_box_reference))
+        rec.update(box_chain_deltas=[], box_deltas=[])
+        handles += [head.predictor.box_anchor.register_forward_hook(on_box_anchor),
+                    head.predictor.proposal_delta.register_forward_hook(on_proposal_delta),
+                    decoder.box_delta.register_forward_hook(on_box_delta("box_chain_deltas")),
+                    head.predictor.box_delta.register_forward_hook(on_box_delta("box_deltas"))]
         for name, module in head.pixel_decoder.named_children():
             if name.startswith("adapter_"):  # the FPN's lateral convs (with the memory, a complete cut)
                 handles.append(module.register_forward_hook(lambda _m, _a, out: rec["lateral"].append(out)))

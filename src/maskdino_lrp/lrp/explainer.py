@@ -15,6 +15,7 @@ from torch import nn
 from .composites import Composite, get_composite
 from .engine import LEDGER_CATEGORIES, EngineError, LedgerEntry, LRPState, lrp_mode
 from .explanation import Explanation, Level
+from .recompute import recompute_segments, segment_names
 from .rules import PixelInput, stabilize
 from .targets import TargetFn, get_target, parse_queries, select_queries
 
@@ -265,13 +266,16 @@ class LRP:
     """Layer-wise Relevance Propagation for a detector the adapters know (MaskDINO first).
 
     The adapter is found from the model (``maskdino_lrp.adapters.find_adapter``) unless given.
+    ``recompute=True`` keeps no forward graph inside the adapter's segments (``Adapter.segments``; or give
+    module names): the backward recomputes them, the same relevance for less memory (:mod:`.recompute`).
 
     >>> lrp = LRP(model, composite="default")
     >>> explanation = lrp.explain("image.png", queries="topk:5", target="class", stops=["pixels", "memory"])
     """
 
     def __init__(self, model: nn.Module, composite: str | Composite = "default", chunk_size: int | None = 16,
-                 keep_channels: bool = False, batch_mode: str = "auto", adapter: "Adapter | None" = None):
+                 keep_channels: bool = False, batch_mode: str = "auto", adapter: "Adapter | None" = None,
+                 recompute: bool | Sequence[str] = False):
         if adapter is None:
             from ..adapters import ADAPTERS, find_adapter
 
@@ -291,6 +295,8 @@ class LRP:
         if batch_mode == "auto":  # measured: vmap's batching overhead outweighs its gain on CPUs
             batch_mode = "vmap" if next(model.parameters()).is_cuda else "loop"
         self.batch_mode = batch_mode
+        # segments whose forward graph is recomputed in the backward instead of kept (lrp/recompute.py)
+        self.segments = segment_names(recompute, adapter.segments(model))
 
     def prepare(self, image: Any, channel_order: str = "RGB") -> Session:
         """Pre-process ``image`` and run the LRP forward; returns a session for :meth:`Session.backward`."""
@@ -301,7 +307,8 @@ class LRP:
         pixels = PixelInput(x, probe, *adapter.input_bounds(self.model, x))
         start = time.perf_counter()
         with torch.enable_grad(), lrp_mode(self.model, self.composite, pixels, adapter) as state, \
-                adapter.record(self.model, state.ledger) as records:
+                adapter.record(self.model, state.ledger) as records, \
+                recompute_segments(self.model, self.segments, state.ledger):
             outputs = adapter.forward(self.model, x * probe, records)
         forward_seconds = time.perf_counter() - start
         detections = adapter.postprocess(self.model, outputs, prepared)
