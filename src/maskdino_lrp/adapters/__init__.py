@@ -17,6 +17,9 @@ __all__ = ["ADAPTERS", "Adapter", "Cut", "Records", "StopTensor", "find_adapter"
 ADAPTERS: dict[str, str] = {
     "maskdino": "maskdino_lrp.adapters.maskdino:MaskDINOAdapter",
     "detr": "maskdino_lrp.adapters.detr:DetrAdapter",  # transformers' DetrForObjectDetection (extra "hf")
+    "deformable_detr": "maskdino_lrp.adapters.deformable_detr:DeformableDetrAdapter",  # (extra "hf")
+    "rt_detr": "maskdino_lrp.adapters.rtdetr:RTDetrAdapter",  # RTDetrForObjectDetection (extra "hf")
+    "rt_detr_v2": "maskdino_lrp.adapters.rtdetr:RTDetrV2Adapter",  # RTDetrV2ForObjectDetection (extra "hf")
 }
 
 

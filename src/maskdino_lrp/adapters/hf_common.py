@@ -177,8 +177,11 @@ class HFDetectionAdapter(Adapter):
     groups = {"backbone": ("model.backbone.*", "backbone.*")}
 
     # ------------------------------------------------------------------ detection
-    def _ours(self, module: nn.Module, names: Sequence[str] = ()) -> bool:
-        return is_hf_class(module, self.modeling, names)
+    def _ours(self, module: nn.Module, names: Sequence[str] | None = None) -> bool:
+        """Whether ``module`` is of this family (and, given ``names``, one of those classes; none if empty)."""
+        if names is not None and not names:
+            return False
+        return is_hf_class(module, self.modeling, names or ())
 
     def matches(self, model: nn.Module) -> bool:
         return any(self._ours(m) for m in model.modules())
