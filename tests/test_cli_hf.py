@@ -1,5 +1,6 @@
-"""``maskdino-lrp explain --hf DIR``: a tiny random Hugging Face DETR saved with ``save_pretrained`` is
-explained by the same runner as MaskDINO (outputs, summary.json, report.html, resume) and validates."""
+"""``maskdino-lrp explain --hf DIR``: tiny random Hugging Face DETR and Deformable DETR models saved with
+``save_pretrained`` are explained by the same runner as MaskDINO (outputs, summary.json, report.html, resume)
+and validate; the loader picks the Auto class by the folder's model_type."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,26 @@ def hf_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def deformable_dir(tmp_path_factory) -> Path:
+    """A tiny random two-stage DeformableDetrForObjectDetection saved to a folder."""
+    import torch
+
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    config = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, num_queries=6, two_stage_num_proposals=6, num_feature_levels=3, encoder_n_points=2,
+        decoder_n_points=2, with_box_refine=True, two_stage=True, num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+    folder = tmp_path_factory.mktemp("deformable_detr")
+    transformers.DeformableDetrForObjectDetection(config).save_pretrained(folder)
+    transformers.DeformableDetrImageProcessor(size={"shortest_edge": 40, "longest_edge": 60}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     from PIL import Image
 
@@ -44,7 +65,10 @@ def images(tmp_path_factory) -> Path:
     return folder
 
 
-def test_explain_hf_resume_validate(hf_dir, images, tmp_path, capsys):
+@pytest.mark.parametrize("family,model_class", [("hf_dir", "DetrForObjectDetection"),
+                                                ("deformable_dir", "DeformableDetrForObjectDetection")])
+def test_explain_hf_resume_validate(family, model_class, request, images, tmp_path, capsys):
+    hf_dir = request.getfixturevalue(family)
     out = tmp_path / "run"
     # the conservative composite: the default's AttnLRP attention leaves about half of a random DETR's class
     # logit in the memory cut's residual (through the decoder's first cross-attention), validate's bound
@@ -55,11 +79,11 @@ def test_explain_hf_resume_validate(hf_dir, images, tmp_path, capsys):
     for name in ("img0.png", "img1.png"):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["weights"] == f"hf:{hf_dir}"
-        assert summary["model_class"] == "DetrForObjectDetection"
+        assert summary["model_class"] == model_class
         assert len(summary["queries"]) == 1
         meta = json.loads((out / name / f"q{summary['queries'][0]['query']:03d}_meta.json").read_text())
         assert meta["class"] in ("cat", "dog", "bird")  # from the config's id2label
-        assert meta["mask_rle"] is None  # DETR has no masks
+        assert meta["mask_rle"] is None  # detectors without masks
         assert meta["image_size"] == [64, 48] and meta["input_size"] == [53, 40]  # resized as the processor says
     assert (out / "report.html").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -103,7 +127,17 @@ def test_hf_folder_without_weights(hf_dir, images, tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text((hf_dir / "config.json").read_text())
     assert main(["explain", str(images), "--hf", str(folder), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
-    assert "cannot load an object-detection model" in one_line_error(capsys)
+    assert "cannot load a detr model" in one_line_error(capsys)
+
+
+def test_hf_folder_of_a_model_type_without_adapter(hf_dir, images, tmp_path, capsys):
+    folder = tmp_path / "yolos"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "yolos"}))
+    assert main(["explain", str(images), "--hf", str(folder), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    line = one_line_error(capsys)
+    assert "model_type 'yolos' is not one maskdino-lrp explains" in line and "deformable_detr" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_hf_without_transformers(hf_dir, images, tmp_path, capsys, monkeypatch):

@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", metavar="CFG",
                        help="preset name (tiny, maskdino_r50_3s_coco, …) or an official MaskDINO YAML")
     model.add_argument("--hf", metavar="DIR",
-                       help="a local Hugging Face save_pretrained folder of a DETR (DetrForObjectDetection; "
-                       "needs pip install maskdino-lrp[hf]); class names from its config's id2label")
+                       help="a local Hugging Face save_pretrained folder: DETR, Deformable DETR, RT-DETR (v1, v2) "
+                       "or Mask2Former, by its config's model_type (needs pip install maskdino-lrp[hf]); class names "
+                       "from its config's id2label")
     p.add_argument("--checkpoint", metavar="CKPT", help="weights: official .pth / detectron2 .pkl / .safetensors "
                    "(without: a preset's shipped weights, e.g. demo's, else random weights seeded by --seed, "
                    "with a warning)")
@@ -252,35 +253,59 @@ def _check_hf_folder(folder: str) -> None:
                        "model.save_pretrained)")
 
 
-def _import_auto_model():
-    """transformers' ``AutoModelForObjectDetection``; CliError (how to install it) if transformers is missing."""
+# the transformers Auto class that loads each model type an adapter explains (config.json's "model_type")
+HF_AUTO_CLASSES = {
+    "detr": "AutoModelForObjectDetection",
+    "deformable_detr": "AutoModelForObjectDetection",
+    "rt_detr": "AutoModelForObjectDetection",
+    "rt_detr_v2": "AutoModelForObjectDetection",
+    "mask2former": "AutoModelForUniversalSegmentation",
+}
+
+
+def _import_auto_model(name: str = "AutoModelForObjectDetection"):
+    """transformers' Auto class ``name``; CliError (how to install it) if transformers is missing."""
     try:
-        from transformers import AutoModelForObjectDetection
+        import transformers
     except ImportError:
         raise CliError(f"--hf needs transformers: {HF_INSTALL}") from None
-    return AutoModelForObjectDetection
+    return getattr(transformers, name)
+
+
+def _hf_model_type(folder: str) -> str:
+    """The folder's config.json ``model_type``; CliError unless an adapter explains that type."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CliError(f"--hf {folder}: cannot read config.json ({exc})") from None
+    if model_type not in HF_AUTO_CLASSES:
+        raise CliError(f"--hf {folder}: model_type {model_type!r} is not one maskdino-lrp explains "
+                       f"(supported: {', '.join(HF_AUTO_CLASSES)})")
+    return model_type
 
 
 def load_hf_model(folder: str):
-    """``AutoModelForObjectDetection`` from a local ``save_pretrained`` folder, in eval mode, checked to be a
-    model an adapter explains; CliError if the folder is not one or transformers is missing."""
+    """The model of a local ``save_pretrained`` folder, loaded by the Auto class of its config's ``model_type``,
+    in eval mode, checked to be a model an adapter explains; CliError if the folder is not one or transformers
+    is missing."""
     from .adapters import find_adapter
+    from .adapters.hf_common import read_preprocessor
 
     _check_hf_folder(folder)
-    auto = _import_auto_model()
+    model_type = _hf_model_type(folder)
+    auto = _import_auto_model(HF_AUTO_CLASSES[model_type])
     try:
         model = auto.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:  # no weights, an unknown model type, a broken config
         message = " ".join(str(exc).split())[:300]
-        raise CliError(f"--hf {folder}: cannot load an object-detection model ({type(exc).__name__}: {message})") \
+        raise CliError(f"--hf {folder}: cannot load a {model_type} model ({type(exc).__name__}: {message})") \
             from None
     adapter = find_adapter(model)
     if adapter is None:
         raise CliError(f"--hf {folder}: {type(model).__name__} is not a model maskdino-lrp explains "
-                       "(supported: DetrForObjectDetection)")
+                       f"(supported model types: {', '.join(HF_AUTO_CLASSES)})")
     adapter.check(model)  # EngineError (one line) for an unsupported variant, e.g. a timm backbone
-    from .adapters.hf_common import read_preprocessor
-
     try:  # the folder's resize and normalisation, which the adapter applies (its defaults: ImageNet, no resize)
         model.lrp_preprocess = read_preprocessor(folder)
     except (OSError, ValueError, TypeError) as exc:
@@ -296,8 +321,8 @@ def _explain_hf(args, options, formats: list[str]) -> int:
                         ("--memory-budget", args.memory_budget)):
         if given:  # the weights are the folder's; the memory estimate knows MaskDINO configs only
             raise CliError(f"{flag} does not apply to --hf models")
-    _check_hf_folder(args.hf)  # a bad folder or no transformers fails before the output folder is made
-    _import_auto_model()
+    _check_hf_folder(args.hf)  # a bad folder, an unknown model type or no transformers fails before the output
+    _import_auto_model(HF_AUTO_CLASSES[_hf_model_type(args.hf)])  # folder is made
     check_inputs(args.images)
     check_output_folder(args.out)
     if args.threads:
