@@ -7,6 +7,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .rules import identity_rule, uniform_product
+
 TargetFn = Callable[[Mapping[str, Any], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -116,11 +118,68 @@ def embedding_target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: 
     return emb[0, queries].sum(-1)
 
 
+# ----------------------------------------------------------------------------- segmentation (mask classification)
+# A mask-classification model scores pixel p for class c as S_c(p) = Σ_q P_qc · σ(m_qp): each query's class
+# probability times its mask probability. For LRP each term is a product of two variable factors (relevance
+# split half/half: the uniform rule the engine uses for products) and each probability hands its relevance to
+# its own logit (the identity rule of elementwise nonlinearities; a softmax entry is read as a function of its
+# own logit). The value is exact, and the relevance at the logits sums to it; regions are constant selections.
+def _segment_probabilities(outputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, C) object-class probabilities and (Q, h, w) mask probabilities, linearised as above."""
+    activation = outputs.get("class_activation")
+    logits = outputs["pred_logits"][0]
+    if activation == "softmax":  # the last class is "no object"
+        probs = identity_rule(lambda z: z.softmax(-1), logits)[:, :-1]
+    elif activation == "sigmoid":
+        probs = identity_rule(torch.sigmoid, logits)
+    else:
+        raise TargetError("the semantic and panoptic targets need the model's class activation: its adapter must "
+                          "give outputs['class_activation'] ('softmax' with a last no-object class, or 'sigmoid')")
+    return probs, identity_rule(torch.sigmoid, outputs["pred_masks"][0])
+
+
+def _object_classes(labels: torch.Tensor, num_classes: int, target: str) -> list[int]:
+    classes = labels.tolist()
+    if any(c >= num_classes for c in classes):
+        raise TargetError(f"target {target!r}: a selected query's class is 'no object', which has no region; "
+                          "select detections (topk:N, thr:T) instead of raw query indices")
+    return classes
+
+
+def semantic_target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per explained query, the semantic score of its class c over the pixels where c wins the semantic map:
+    Σ_{p: argmax S(p) = c} S_c(p), at the mask logits' resolution (all queries contribute)."""
+    probs, masks = _segment_probabilities(outputs)
+    with torch.no_grad():
+        winner = torch.einsum("qc,qhw->chw", probs, masks).argmax(0)
+    rows = []
+    for c in _object_classes(labels, probs.shape[1], "semantic"):
+        region = (winner == c).to(masks.dtype)
+        rows.append((uniform_product(probs[:, c, None, None], masks) * region).sum())
+    return torch.stack(rows)
+
+
+def panoptic_target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per explained query, its segment's score: Σ_{p in its segment} P_qc · σ(m_qp), the segment being the
+    pixels the query wins in the panoptic assignment (argmax over queries of best class probability × mask
+    probability; no score threshold or overlap filter), at the mask logits' resolution."""
+    probs, masks = _segment_probabilities(outputs)
+    with torch.no_grad():
+        owner = (probs.max(-1).values[:, None, None] * masks).argmax(0)
+    rows = []
+    for q, c in zip(queries.tolist(), _object_classes(labels, probs.shape[1], "panoptic")):
+        region = (owner == q).to(masks.dtype)
+        rows.append((uniform_product(probs[q, c], masks[q]) * region).sum())
+    return torch.stack(rows)
+
+
 TARGETS: dict[str, TargetFn] = {
     "class": class_target,
     "box": box_target(None),
     "mask": mask_target,
     "embedding": embedding_target,
+    "semantic": semantic_target,
+    "panoptic": panoptic_target,
 }
 for _i, _name in enumerate(("cx", "cy", "w", "h")):
     TARGETS[f"box:{_name}"] = box_target(_i)

@@ -1,0 +1,266 @@
+"""The engine on Hugging Face Mask2Former through its adapter: conservation for the instance (class, mask),
+semantic and panoptic targets, gradient parity, restoration, batching.
+
+A tiny random ``Mask2FormerForUniversalSegmentation`` (transformers ResNet backbone, no pretrained weights) in
+float64. Tolerances: the conservative composite's ε = 1e-9 stabilisers (and the identity rule's, in the
+semantic and panoptic targets) leave residuals of order 1e-8 … 1e-6 relative; 1e-5 is asserted as the brief asks.
+"""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from maskdino_lrp.adapters import find_adapter  # noqa: E402
+from maskdino_lrp.adapters.mask2former import Mask2FormerAdapter  # noqa: E402
+from maskdino_lrp.lrp.composites import get_composite  # noqa: E402
+from maskdino_lrp.lrp.engine import lrp_mode  # noqa: E402
+from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
+from maskdino_lrp.lrp.targets import TargetError  # noqa: E402
+from conftest import zero_additive_constants
+
+CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
+# transformers warns that it validated Mask2Former with Swin backbones only; the ResNet one builds and runs
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def tiny_config(**extra) -> "transformers.Mask2FormerConfig":
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                         layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
+    return transformers.Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False, feature_size=32,
+                                          mask_feature_size=32, hidden_dim=32, num_attention_heads=4, encoder_layers=2,
+                                          decoder_layers=3, dim_feedforward=48, encoder_feedforward_dim=48,
+                                          num_queries=8, num_labels=4, **extra)
+
+
+def tiny_mask2former(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = transformers.Mask2FormerForUniversalSegmentation(tiny_config()).eval().double()
+    with torch.no_grad():  # transformers initialises biases and norms trivially: make every term count
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3) if name.endswith("bias") else p.mul_(1.0 + 0.5 * torch.rand_like(p))
+        for m in model.modules():
+            if hasattr(m, "running_mean"):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+
+
+def plain_outputs(model, image):
+    with torch.no_grad():
+        out = model(pixel_values=Mask2FormerAdapter().prepare(model, image).tensor)
+    return out.class_queries_logits[0], out.masks_queries_logits[0]
+
+
+def reference_target(target, logits, masks, queries, labels):
+    """The explained value from a plain forward's outputs, computed here without the targets module."""
+    probs, sig = logits.softmax(-1)[:, :-1], masks.sigmoid()
+    values = []
+    for q, c in zip(queries, labels):
+        if target == "class":
+            values.append(logits[q, c])
+        elif target == "mask":
+            values.append(masks[q][masks[q] > 0].sum())
+        elif target == "semantic":  # class c's score over the pixels where it wins the semantic map
+            score = torch.einsum("qc,qhw->chw", probs, sig)
+            values.append(score[c][score.argmax(0) == c].sum())
+        else:  # panoptic: the query's class × mask probability over the pixels it wins
+            owner = (probs.max(-1).values[:, None, None] * sig).argmax(0)
+            values.append((probs[q, c] * sig[q])[owner == q].sum())
+    return torch.stack(values)
+
+
+def test_adapter_is_found_and_classifies_the_modules():
+    model = tiny_mask2former()
+    adapter = find_adapter(model)
+    assert isinstance(adapter, Mask2FormerAdapter)
+    assert isinstance(find_adapter(model.model.transformer_module.decoder.layers[0]), Mask2FormerAdapter)
+    assert len(adapter.batchnorm_pairs(model)) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    decoder = model.model.transformer_module.decoder
+    assert adapter.module_kind("", decoder.layers[0].self_attn) == "mha"
+    assert adapter.module_kind("", decoder.mask_predictor) == "product"
+    assert adapter.pixel_layer(model) is model.model.pixel_level_module.encoder.embedder.embedder.convolution
+    with pytest.raises(ValueError, match="Mask2FormerForUniversalSegmentation"):
+        adapter.check(decoder)
+
+
+def test_lrp_forward_computes_the_plain_values(image):
+    """Rules change only the backward: logits and masks (and so the masked-attention selections, thresholded
+    from each layer's predicted masks) are those of the untouched model."""
+    model = tiny_mask2former(5)
+    logits, masks = plain_outputs(model, image)
+    session = LRP(model, composite="default").prepare(image)
+    assert torch.allclose(session.outputs["pred_logits"][0], logits, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(session.outputs["pred_masks"][0], masks, rtol=1e-12, atol=1e-12)
+    session.cleanup()
+
+
+@pytest.mark.parametrize("target", ["class", "mask", "semantic", "panoptic"])
+def test_zero_bias_conservation_with_attention_as_constant(image, target):
+    """Pixels + booked constants = the explained target of a plain forward of the untouched model, at every cut."""
+    model = tiny_mask2former()
+    zero_additive_constants(model)
+    logits, masks = plain_outputs(model, image)
+    queries = "topk:3"
+    if target == "panoptic":  # queries that own pixels (a random model's segments: often one query owns all)
+        probs = logits.softmax(-1)[:, :-1]
+        owner = (probs.max(-1).values[:, None, None] * masks.sigmoid()).argmax(0)
+        queries = owner.unique().tolist()[:3]
+    expl = LRP(model, composite="conservative").explain(image, queries=queries, target=target, stops=CUT_STOPS)
+    queries, labels = expl.queries.tolist(), expl.labels.tolist()
+    reference = reference_target(target, logits, masks, queries, labels)
+    assert torch.allclose(expl.target_values, reference, rtol=1e-10, atol=0)
+    assert (reference.abs() > 0).all()
+    assert set(expl.conservation) == {"pixels", "backbone", "encoder_input", "memory"}
+    for cut, row in expl.conservation.items():
+        assert torch.all(row["bias"] == 0), cut
+        accounted = row["total"] + row["embeddings"] + row["positional"]
+        rel = ((accounted - reference).abs() / reference.abs()).max().item()
+        assert rel < 1e-5, f"{target}: cut {cut} conserves only to {rel:.2e}"
+    assert expl.relevance["pixels"].abs().sum() > 0
+    assert expl.relevance["memory"].shape == (len(queries), sum(lv.size for lv in expl.levels))
+
+
+def test_mask_product_takes_the_product_rule(image):
+    """The mask logits are a product of two variable tensors (mask embeddings × pixel embeddings): with the
+    plain gradient for it, both sides get the whole relevance and the pixels receive about twice the target."""
+    model = tiny_mask2former()
+    zero_additive_constants(model)
+    plain_product = get_composite("conservative").with_rules("plain-product", product="gradient")
+    expl = LRP(model, composite=plain_product).explain(image, queries="topk:2", target="mask", stops=["pixels"])
+    row = expl.conservation["pixels"]
+    accounted = row["total"] + row["embeddings"] + row["positional"]
+    assert ((accounted / row["target"]) > 1.5).all()
+
+
+def test_biases_absorb_what_the_ledger_says_at_every_cut(image):
+    """With biases, each cut conserves once its downstream biases are counted (a cut that booked an upstream
+    bias, or missed a downstream one, would leave a residual)."""
+    expl = LRP(tiny_mask2former(), composite="conservative").explain(image, queries="topk:3", stops=CUT_STOPS)
+    for cut, row in expl.conservation.items():
+        assert (row["bias"].abs() > 1e-3 * row["target"].abs()).all(), cut  # the biases matter here
+        rel = (row["residual"].abs() / row["target"].abs()).max().item()
+        assert rel < 1e-5, f"cut {cut}: residual {rel:.2e}"
+
+
+@pytest.mark.parametrize("target", ["class", "mask"])
+def test_gradient_composite_is_autograd_gradient_times_input(image, target):
+    model = tiny_mask2former(1)
+    queries = [0, 3, 5]
+    expl = LRP(model, composite="gradient").explain(image, queries=queries, target=target, stops=["pixels"])
+    x = Mask2FormerAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
+    out = model(pixel_values=x)
+    logits, masks = out.class_queries_logits[0], out.masks_queries_logits[0]
+    for row, q in enumerate(queries):
+        value = logits[q, expl.labels[row]] if target == "class" else (masks[q] * (masks[q] > 0).detach()).sum()
+        (g,) = torch.autograd.grad(value, x, retain_graph=True)
+        reference = (x * g).detach().sum(1)[0]
+        assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=1e-9, atol=1e-12)
+
+
+def test_model_bit_identical_after_explaining_also_after_an_exception(image):
+    model = tiny_mask2former(2)
+    adapter = Mask2FormerAdapter()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    reference = plain_outputs(model, image)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lrp_mode(model, "default", adapter=adapter):
+            model(pixel_values=adapter.prepare(model, image).tensor)
+            raise RuntimeError("boom")
+    LRP(model).explain(image, queries="topk:2", target="semantic", stops=["pixels", "mask_features", "decoder_layers"])
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not any("forward" in m.__dict__ or "equation" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(plain_outputs(model, image), reference))
+
+
+def test_batched_equals_one_query_at_a_time(image):
+    model = tiny_mask2former(3)
+    lrp = LRP(model, composite="default", batch_mode="vmap", chunk_size=2)
+    session = lrp.prepare(image)
+    stops = ["pixels", "encoder_layers", "decoder_layers"]
+    queries = [0, 3, 5]
+    batched = session.backward(queries, "mask", stops)
+    lrp.batch_mode = "loop"
+    for row, q in enumerate(queries):
+        single = session.backward([q], "mask", stops)
+        for key, rel in batched.relevance.items():
+            assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
+    session.cleanup()
+
+
+def synthetic_outputs(seed: int = 0) -> dict:
+    """Mask-classification outputs with distinct regions: 5 queries, 3 classes + no-object, 6×5 masks."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, 5, 4, generator=g, dtype=torch.float64)
+    masks = torch.randn(1, 5, 6, 5, generator=g, dtype=torch.float64)
+    for q in range(5):  # query q: class q mod 3, mask on column q
+        logits[0, q, q % 3] += 4.0
+        masks[0, q, :, q] += 6.0
+    return {"pred_logits": logits.requires_grad_(True), "pred_masks": masks.requires_grad_(True),
+            "class_activation": "softmax"}
+
+
+@pytest.mark.parametrize("target", ["semantic", "panoptic"])
+def test_segmentation_targets_are_exact_and_linearised_conservatively(target):
+    """On outputs with several regions: the value is the semantic / panoptic score recomputed independently,
+    and gradient × input at the logits (class and mask) sums to it: the linearisation loses nothing."""
+    from maskdino_lrp.lrp.targets import get_target
+
+    outputs = synthetic_outputs()
+    logits, masks = outputs["pred_logits"][0].detach(), outputs["pred_masks"][0].detach()
+    probs = logits.softmax(-1)[:, :-1]
+    owner = (probs.max(-1).values[:, None, None] * masks.sigmoid()).argmax(0)
+    semantic = torch.einsum("qc,qhw->chw", probs, masks.sigmoid()).argmax(0)
+    assert owner.unique().numel() >= 3 and semantic.unique().numel() >= 2  # the regions differ
+    queries = owner.unique()[:3]
+    labels = probs[queries].argmax(-1)
+    values = get_target(target)[1](outputs, queries, labels)
+    assert torch.allclose(values, reference_target(target, logits, masks, queries.tolist(), labels.tolist()),
+                          rtol=1e-12, atol=0)
+    for k in range(len(queries)):
+        g_logits, g_masks = torch.autograd.grad(values[k], [outputs["pred_logits"], outputs["pred_masks"]],
+                                                retain_graph=True)
+        relevance = (g_logits * logits).sum() + (g_masks * masks).sum()
+        assert relevance.item() == pytest.approx(values[k].item(), rel=1e-7)
+        # half to the class logits (only the explained class's), half to the mask logits
+        assert (g_logits * logits).sum().item() == pytest.approx(values[k].item() / 2, rel=1e-7)
+
+
+def test_segmentation_targets_need_the_class_activation():
+    from maskdino_lrp.lrp.targets import get_target
+
+    outputs = synthetic_outputs()
+    del outputs["class_activation"]
+    with pytest.raises(TargetError, match="class_activation"):
+        get_target("semantic")[1](outputs, torch.tensor([0]), torch.tensor([0]))
+
+
+def test_segmentation_targets_refuse_the_no_object_class(image):
+    model = tiny_mask2former()
+    logits, _ = plain_outputs(model, image)
+    with torch.no_grad():  # make query 0 predict "no object"
+        model.class_predictor.bias[-1] += logits[0].max() - logits[0, -1] + 10.0
+    with pytest.raises(TargetError, match="no object"):
+        LRP(model).explain(image, queries=[0], target="semantic", stops=["pixels"])
+
+
+def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
+    """Session.propagate through the adapter: the (bias-free, value-rule) deformable encoder conserves."""
+    model = tiny_mask2former(4)
+    zero_additive_constants(model)
+    session = LRP(model, composite="conservative").prepare(image)
+    whole = session.backward("topk:1", "class", ["memory"])
+    back = session.propagate(whole.relevance["memory"], stops=["encoder_input"])
+    assert back["encoder_input"].sum().item() == pytest.approx(whole.relevance["memory"].sum().item(), rel=1e-6)
+    session.cleanup()
