@@ -13,6 +13,14 @@ an adapter tells it, for one family of models:
   complete), each with the ledger entries upstream of it;
 - **outputs**: the standard output keys targets read (``pred_logits``, ``pred_boxes``, ``pred_masks``,
   ``decoder_embedding``), the post-processed detections, and what is reported per explained query.
+  Box explanations read, where the family has them: ``box_logits`` (B, Q, 4), the final boxes before a sigmoid
+  the model applies as a function (box targets then take it under the identity rule); ``box_refinements``
+  ({stage: (B, Q, 4)}, e.g. ``proposal``, ``0`` … per decoder layer), the deltas that add up, on
+  ``box_anchor`` (B, Q, 4, a booked positional constant: the grid anchor of a proposal), to the final box's
+  inverse sigmoid.
+- **box chain** (``box_chain``): models that refine boxes layer by layer detach each layer's reference box
+  (a training measure); with ``box_chain`` True, ``connect`` keeps that chain connected, so a box's relevance
+  reaches the content that placed it and only the anchor is booked as positional.
 """
 from __future__ import annotations
 
@@ -80,6 +88,9 @@ class Adapter:
     default_stops: tuple[str, ...] = ("pixels",)
     # stops upstream of the encoder output that Session.propagate() can reach
     encoder_stops: tuple[str, ...] = ()
+    # connect() keeps the reference-box chain connected (see the module docstring); False books each layer's
+    # reference box as a positional constant instead (the model's own detached chain)
+    box_chain: bool = True
     # module groups composites name as ``@group`` (qualified-name patterns): ``backbone`` is the CNN body
     groups: dict[str, tuple[str, ...]] = {"backbone": ("backbone.*",)}
 

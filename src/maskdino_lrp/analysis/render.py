@@ -118,8 +118,27 @@ def _title(expl, k: int) -> str:
     return " · ".join(parts)
 
 
+def box_marks(target: str, box: Any) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The line segments ((x, y), (x, y)) that mark what a box target explains on the box x0 y0 x1 y1.
+
+    An edge (``box:x1`` …) is that side of the box; a centre (``box:cx``, ``refine:cx…``) a line through the
+    centre across the box; a size (``box:w``, ``refine:w…``) the line spanning it through the centre. Other
+    targets (and ``box``, the sum) mark nothing beyond the box itself.
+    """
+    parts = str(target).split(":")
+    if len(parts) < 2 or parts[0] not in ("box", "refine") or box is None or not all(np.isfinite(box)):
+        return []
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    marks = {"x1": ((x0, y0), (x0, y1)), "x2": ((x1, y0), (x1, y1)), "y1": ((x0, y0), (x1, y0)),
+             "y2": ((x0, y1), (x1, y1)), "cx": ((cx, y0), (cx, y1)), "cy": ((x0, cy), (x1, cy)),
+             "w": ((x0, cy), (x1, cy)), "h": ((cx, y0), (cx, y1))}
+    return [marks[parts[1]]] if parts[1] in marks else []
+
+
 def render_pixels(expl, k: int, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Pixel relevance of row ``k`` over the (grey) image, with the detection's box and mask outline.
+    """Pixel relevance of row ``k`` over the (grey) image, with the detection's box and mask outline; for a
+    box target the explained edge, centre or size is marked (:func:`box_marks`).
 
     The relevance is the model-input-resolution map (``relevance["pixels"][k]``, values per input
     pixel); photo, map and mask are drawn at most :data:`OVERLAY_MAX_SIDE` px on the longest side, in
@@ -158,6 +177,9 @@ def render_pixels(expl, k: int, path: str | os.PathLike, title: str | None = Non
     if box is not None and all(np.isfinite(box)):
         x0, y0, x1, y1 = box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.2))
+        for (ax0, ay0), (ax1, ay1) in box_marks(expl.target, box):
+            ax.plot([ax0, ax1], [ay0, ay1], color="magenta", linewidth=2.5, solid_capstyle="butt",
+                    marker={"cx": "o", "cy": "o", "w": "|", "h": "_"}.get(expl.target.split(":")[1], ""), markersize=6)
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()

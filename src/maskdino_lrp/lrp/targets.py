@@ -94,14 +94,71 @@ def class_target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torc
     return outputs["pred_logits"][0, queries, labels]
 
 
+BOX_COORDS = ("cx", "cy", "w", "h")
+# an edge is a centre coordinate ∓ half the size: (centre index, size index, sign)
+BOX_EDGES = {"x1": (0, 2, -1.0), "y1": (1, 3, -1.0), "x2": (0, 2, 1.0), "y2": (1, 3, 1.0)}
+
+
+def final_boxes(outputs: Mapping[str, Any], queries: torch.Tensor) -> torch.Tensor:
+    """(K, 4) normalised cx, cy, w, h of the queries' final boxes.
+
+    An adapter whose model applies the box sigmoid as a function (no module a rule can be attached to) gives
+    the boxes before it as ``box_logits``; the sigmoid is then taken here under the identity rule (R_in = R_out),
+    the rule a ``nn.Sigmoid`` module gets, with the same values as ``pred_boxes``.
+    """
+    logits = outputs.get("box_logits")
+    if logits is not None:
+        return identity_rule(torch.sigmoid, logits[0, queries])
+    return outputs["pred_boxes"][0, queries]
+
+
 def box_target(coord: int | None = None) -> TargetFn:
     """One box coordinate (0..3: cx, cy, w, h) of each query, or the sum of all four."""
 
     def target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        boxes = outputs["pred_boxes"][0, queries]
+        boxes = final_boxes(outputs, queries)
         return boxes.sum(-1) if coord is None else boxes[:, coord]
 
     target.__name__ = "box" if coord is None else f"box:{coord}"
+    return target
+
+
+def edge_target(edge: str) -> TargetFn:
+    """One edge of each query's final box (normalised): ``x1`` / ``y1`` the left / top, ``x2`` / ``y2`` the
+    right / bottom; a centre coordinate ∓ half the size, so relevance splits between the two linearly."""
+    centre, size, sign = BOX_EDGES[edge]
+
+    def target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        boxes = final_boxes(outputs, queries)
+        return boxes[:, centre] + sign * 0.5 * boxes[:, size]
+
+    target.__name__ = f"box:{edge}"
+    return target
+
+
+def refinement_target(coord: str, stage: str | None = None) -> TargetFn:
+    """The refinement of one box coordinate in the inverse-sigmoid space where the model adds it.
+
+    ``outputs["box_refinements"]`` (given by adapters of models that refine boxes) maps stage names to (B, Q, 4)
+    deltas which, added to the constant anchor (``box_anchor``), give the final box's inverse sigmoid: e.g.
+    ``proposal`` (the box head on the selected encoder token) and ``0`` … ``L-1`` (each decoder layer).
+    ``stage`` None: their sum, everything the network computed beyond its anchor.
+    """
+    index = BOX_COORDS.index(coord)
+    name = f"refine:{coord}" if stage is None else f"refine:{coord}:{stage}"
+
+    def target(outputs: Mapping[str, Any], queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        steps = outputs.get("box_refinements") or {}
+        if not steps:
+            raise TargetError(f"target {name!r}: this model's adapter reports no box refinements (a model that "
+                              "regresses its boxes directly has none); explain box:cx … or box:x1 … instead")
+        if stage is not None and stage not in steps:
+            raise TargetError(f"target {name!r}: no refinement stage {stage!r}; this model's stages: "
+                              f"{', '.join(steps)} (refine:{coord} sums them)")
+        parts = list(steps.values()) if stage is None else [steps[stage]]
+        return sum(part[0, queries, index] for part in parts)
+
+    target.__name__ = name
     return target
 
 
@@ -181,14 +238,23 @@ TARGETS: dict[str, TargetFn] = {
     "semantic": semantic_target,
     "panoptic": panoptic_target,
 }
-for _i, _name in enumerate(("cx", "cy", "w", "h")):
+for _i, _name in enumerate(BOX_COORDS):
     TARGETS[f"box:{_name}"] = box_target(_i)
+for _name in BOX_EDGES:
+    TARGETS[f"box:{_name}"] = edge_target(_name)
+for _name in BOX_COORDS:
+    TARGETS[f"refine:{_name}"] = refinement_target(_name)
+# refine:<coord>:<stage> (one stage's refinement) is parsed by get_target: the stages depend on the model
+_STAGE_TARGET = re.compile(r"refine:(cx|cy|w|h):([A-Za-z0-9_]+)")
 
 
 def get_target(target: str | TargetFn) -> tuple[str, TargetFn]:
     """(name, function) of a target given by name or as a callable ``fn(outputs, queries, labels) -> (K,)``."""
     if callable(target):
         return getattr(target, "__name__", "custom"), target
+    if isinstance(target, str) and (m := _STAGE_TARGET.fullmatch(target)):
+        return target, refinement_target(m.group(1), m.group(2))
     if target not in TARGETS:
-        raise TargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or pass a callable")
+        raise TargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}, refine:<coord>:<stage> "
+                          "(one refinement stage, e.g. refine:cx:0) or pass a callable")
     return target, TARGETS[target]

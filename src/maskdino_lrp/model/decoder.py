@@ -11,6 +11,14 @@ Hooks for relevance propagation (the model stays otherwise LRP-agnostic):
 - ``MaskDINODecoder.mask_product`` (:class:`MaskProduct`, ``equation`` "bqc,bchw->bqhw"): mask logits.
 - ``MaskDINODecoder.box_sigmoid`` (``nn.Sigmoid``): the sigmoid of each layer's refined box in
   :meth:`MaskDINODecoder.pred_box`.
+- The reference-box chain: ``detach_reference`` on :class:`MaskDINODecoder` and :class:`TransformerDecoder`
+  (default True = official) detaches the initial boxes and each layer's refined box before the next layer
+  reads it; False keeps the chain connected. Its round trip between box and inverse-sigmoid space runs through
+  modules (``nn.Sigmoid``, :class:`InverseSigmoid`), so a rule can be attached to each. Named points
+  (``nn.Identity``): ``MaskDINODecoder.box_anchor`` (the constant part of the initial boxes: the proposal
+  token's grid anchor, or the box of the thresholded interim mask), ``MaskDINODecoder.proposal_delta`` (the
+  box head's delta on the selected encoder tokens), ``TransformerDecoder.box_delta`` (each layer's delta on
+  the box the next layer reads) and ``MaskDINODecoder.box_delta`` (each layer's delta in its predicted box).
 - Activations are modules (``nn.ReLU``) in decoder layers and MLPs.
 
 Denoising queries (training only) are not implemented; ``targets`` is accepted and unused.
@@ -32,6 +40,7 @@ __all__ = [
     "MLP",
     "MaskProduct",
     "inverse_sigmoid",
+    "InverseSigmoid",
     "gen_encoder_output_proposals",
     "masks_to_boxes",
     "bitmasks_to_boxes",
@@ -79,6 +88,17 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """log(x / (1 - x)) with x clamped into [0, 1] and both terms at least ``eps``."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class InverseSigmoid(nn.Module):
+    """:func:`inverse_sigmoid` as a parameterless module (an elementwise map a rule can be attached to)."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return inverse_sigmoid(x, self.eps)
 
 
 def box_xyxy_to_cxcywh(x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +248,11 @@ class TransformerDecoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed = None
         self.d_model = d_model
+        # the box round trip as modules, and the hook that keeps the chain connected (see the module docstring)
+        self.detach_reference = True
+        self.ref_sigmoid = nn.Sigmoid()
+        self.ref_logit = InverseSigmoid()
+        self.box_delta = nn.Identity()
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -247,10 +272,11 @@ class TransformerDecoder(nn.Module):
         """tgt (Nq, B, C), memory (ΣHW, B, C), refpoints_unsigmoid (Nq, B, 4).
 
         Returns [normed outputs per layer (B, Nq, C)], [reference boxes (B, Nq, 4): initial + one per layer].
-        The new boxes are detached before the next layer (as official) but returned undetached.
+        The new boxes are detached before the next layer (as official, unless ``detach_reference`` is False)
+        but returned undetached.
         """
         output = tgt
-        reference_points = refpoints_unsigmoid.sigmoid()
+        reference_points = self.ref_sigmoid(refpoints_unsigmoid)
         intermediate = []
         ref_points = [reference_points]
         for layer_id, layer in enumerate(self.layers):
@@ -265,9 +291,9 @@ class TransformerDecoder(nn.Module):
                 memory_level_start_index=level_start_index, memory_spatial_shapes=spatial_shapes,
                 memory_pos=pos, self_attn_mask=tgt_mask, cross_attn_mask=memory_mask)
             if self.bbox_embed is not None:
-                delta_unsig = self.bbox_embed[layer_id](output)
-                new_reference_points = (delta_unsig + inverse_sigmoid(reference_points)).sigmoid()
-                reference_points = new_reference_points.detach()
+                delta_unsig = self.box_delta(self.bbox_embed[layer_id](output))
+                new_reference_points = self.ref_sigmoid(delta_unsig + self.ref_logit(reference_points))
+                reference_points = new_reference_points.detach() if self.detach_reference else new_reference_points
                 ref_points.append(new_reference_points)
             intermediate.append(self.norm(output))
         return [[o.transpose(0, 1) for o in intermediate], [r.transpose(0, 1) for r in ref_points]]
@@ -314,6 +340,8 @@ class MaskDINODecoder(nn.Module):
         self.semantic_ce_loss = semantic_ce_loss
         # LRP hook: False keeps the selected two-stage query content connected to the encoder memory
         self.detach_query_content = True
+        # LRP hook: False keeps the initial query boxes connected to the box head and proposals
+        self.detach_reference = True
 
         if not two_stage or learn_tgt:
             self.query_feat = nn.Embedding(num_queries, hidden_dim)
@@ -354,6 +382,10 @@ class MaskDINODecoder(nn.Module):
         self.box_sigmoid = nn.Sigmoid()
         # the input box each layer refines, unsigmoided: a named point where LRP treats it as positional
         self.box_reference = nn.Identity()
+        self.box_logit = InverseSigmoid()
+        self.box_anchor = nn.Identity()
+        self.proposal_delta = nn.Identity()
+        self.box_delta = nn.Identity()
 
     get_valid_ratio = staticmethod(get_valid_ratio)
 
@@ -373,7 +405,7 @@ class MaskDINODecoder(nn.Module):
         """Boxes per layer (stacked): each layer's delta on the inverse sigmoid of its input box."""
         coords = [] if ref0 is None else [ref0]
         for layer_ref_sig, layer_bbox_embed, layer_hs in zip(reference[:-1], self.bbox_embed, hs):
-            unsig = layer_bbox_embed(layer_hs) + self.box_reference(inverse_sigmoid(layer_ref_sig))
+            unsig = self.box_delta(layer_bbox_embed(layer_hs)) + self.box_reference(self.box_logit(layer_ref_sig))
             coords.append(self.box_sigmoid(unsig))
         return torch.stack(coords)
 
@@ -395,7 +427,7 @@ class MaskDINODecoder(nn.Module):
         boxes = box_xyxy_to_cxcywh(boxes.to(outputs_mask)) \
             / torch.as_tensor([w, h, w, h], dtype=outputs_mask.dtype, device=outputs_mask.device)
         boxes = boxes.reshape(outputs_mask.shape[0], outputs_mask.shape[1], 4)
-        return inverse_sigmoid(boxes)
+        return self.box_anchor(inverse_sigmoid(boxes))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Sequence[torch.Tensor], mask_features: torch.Tensor,
@@ -432,10 +464,13 @@ class MaskDINODecoder(nn.Module):
             output_memory, output_proposals = gen_encoder_output_proposals(src_flatten, mask_flatten, spatial_shapes)
             output_memory = self.enc_output_norm(self.enc_output(output_memory))
             enc_class = self.class_embed(output_memory)
-            enc_coord = self._bbox_embed(output_memory) + output_proposals  # unsigmoided
             topk_proposals = torch.topk(enc_class.max(-1)[0], self.num_queries, dim=1)[1]
-            refpoint_embed_undetach = torch.gather(enc_coord, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4))
-            refpoint_embed = refpoint_embed_undetach.detach()
+            # unsigmoided boxes of the selected tokens: the box head's delta on the token's grid anchor (gathered
+            # before the sum: the same values, and the anchors of unselected, invalid (inf) tokens stay out)
+            index = topk_proposals.unsqueeze(-1).repeat(1, 1, 4)
+            refpoint_embed_undetach = self.proposal_delta(torch.gather(self._bbox_embed(output_memory), 1, index)) \
+                + self.box_anchor(torch.gather(output_proposals, 1, index))
+            refpoint_embed = refpoint_embed_undetach.detach() if self.detach_reference else refpoint_embed_undetach
             tgt_undetach = torch.gather(output_memory, 1,
                                         topk_proposals.unsqueeze(-1).repeat(1, 1, self.hidden_dim))
             outputs_class, outputs_mask = self.forward_prediction_heads(tgt_undetach.transpose(0, 1), mask_features)
@@ -448,7 +483,7 @@ class MaskDINODecoder(nn.Module):
                 refpoint_embed = self._boxes_from_masks(outputs_mask)
         else:
             tgt = self.query_feat.weight[None].repeat(bs, 1, 1)
-            refpoint_embed = self.query_embed.weight[None].repeat(bs, 1, 1)
+            refpoint_embed = self.box_anchor(self.query_embed.weight[None].repeat(bs, 1, 1))
 
         tgt_mask = None
         if dn is not None:
