@@ -142,3 +142,43 @@ def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
     with pytest.raises(ValueError, match="towards the input"):
         session.propagate(whole.relevance["memory"], stops=["decoder_layers"])
     session.cleanup()
+
+
+def test_default_composite_residual_is_the_first_cross_attention_softmax(image):
+    """Why the default composite leaves about half of a random DETR's class logit as residual at the memory cut.
+
+    DETR's decoder queries start at zero, so the whole target passes through the first decoder layer's
+    cross-attention (no residual stream bypasses it). AttnLRP's uniform rule gives half of that attention's
+    output relevance to the attention probabilities, and the softmax rule passes back Σ_i (x_i − x̄) R_i (x the
+    logits, x̄ their attention-weighted mean): only what co-varies with the logits, nothing when they are all
+    equal. Closed form: with zero query position embeddings (all logits 0) and AttnLRP at that module only (AH
+    elsewhere), the residual is exactly half of the relevance at layer 0's output. With the model as it is, the
+    default's residual is still about that half, and the AH rule at that one module removes it.
+    """
+    from dataclasses import replace
+
+    from maskdino_lrp.lrp.composites import get_composite
+    from maskdino_lrp.lrp.rules import Rule
+
+    first_cross = "model.decoder.layers.0.encoder_attn"
+    stops = ["memory", "decoder_layers"]
+    model = tiny_detr()
+    zero_additive_constants(model)
+
+    def residual_and_half_layer0(composite):
+        expl = LRP(model, composite=composite).explain(image, queries=QUERIES, stops=stops)
+        return expl.conservation["memory"]["residual"], 0.5 * expl.relevance["decoder_layer0"].sum(-1), expl
+
+    default = get_composite("default")
+    residual, half, expl = residual_and_half_layer0(default)
+    target = expl.conservation["memory"]["target"]
+    assert ((residual - half).abs() / half.abs()).max() < 0.02
+    assert (residual.abs() > 0.3 * target.abs()).all()
+    fixed, _, _ = residual_and_half_layer0(replace(default, by_name=default.by_name + [(first_cross, Rule("ah"))]))
+    assert (fixed.abs() < 0.02 * residual.abs()).all()
+
+    with torch.no_grad():
+        model.model.query_position_embeddings.weight.zero_()
+    only_there = replace(get_composite("conservative"), by_name=[(first_cross, Rule("attnlrp"))])
+    residual, half, _ = residual_and_half_layer0(only_there)
+    assert torch.allclose(residual, half, rtol=1e-6, atol=0)
