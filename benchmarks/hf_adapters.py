@@ -59,11 +59,24 @@ def _deformable(**variant) -> Callable[[], torch.nn.Module]:
     return build
 
 
+def mask2former() -> torch.nn.Module:
+    import transformers
+
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                         layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = transformers.Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False, feature_size=32,
+                                            mask_feature_size=32, hidden_dim=32, num_attention_heads=4,
+                                            encoder_layers=2, decoder_layers=3, dim_feedforward=48,
+                                            encoder_feedforward_dim=48, num_queries=8, num_labels=4)
+    return transformers.Mask2FormerForUniversalSegmentation(config).eval()
+
+
 FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "detr": detr,
     "deformable_detr": _deformable(),
     "deformable_detr_refine": _deformable(with_box_refine=True),
     "deformable_detr_2stage": _deformable(with_box_refine=True, two_stage=True),
+    "mask2former": mask2former,
 }
 
 
@@ -127,7 +140,7 @@ def measure(build: Callable[[], torch.nn.Module], image: np.ndarray, repeat: int
     _zero_additive_constants(model)
     queries = [0, 1, 2]
     with torch.no_grad():
-        logits = model(pixel_values=adapter.prepare(model, image).tensor).logits[0]
+        logits = adapter.forward(model, adapter.prepare(model, image).tensor, None)["pred_logits"][0]
     expl = LRP(model, composite="conservative").explain(image, queries=queries, stops=["pixels"])
     row = expl.conservation["pixels"]
     target = logits[queries, expl.labels]

@@ -138,7 +138,8 @@ class Mask2FormerAdapter(HFDetectionAdapter):
     def forward(self, model, x, records):
         out = model(pixel_values=x)
         return {"pred_logits": out.class_queries_logits, "pred_masks": out.masks_queries_logits,
-                "decoder_embedding": records.tensors.get("decoder_embedding"), "class_activation": "softmax"}
+                "decoder_embedding": records.tensors.get("decoder_embedding") if records is not None else None,
+                "class_activation": "softmax"}
 
     def postprocess(self, model, outputs, prepared):
         class_scores, labels = self.class_scores(outputs["pred_logits"][0].detach()).max(-1)
