@@ -192,6 +192,25 @@ def test_matches_the_slow_reference(setting):
         assert scale_error(out[name], ref[name]) <= 1e-10, name
 
 
+def test_the_last_requested_stage_skips_its_patch_merging():
+    """Fewer OUT_FEATURES: the same features, and no stage or patch merging that nothing reads is run."""
+    torch.manual_seed(3)
+    kwargs = dict(embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=3)
+    full = randomised(SwinTransformer(**kwargs).double())
+    part = SwinTransformer(**kwargs, out_features=["res2", "res3"]).double()
+    part.load_state_dict(full.state_dict())
+    calls = []
+    for i, layer in enumerate(part.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.append(f"stage{i}"))
+        if layer.downsample is not None:
+            layer.downsample.register_forward_hook(lambda m, a, o, i=i: calls.append(f"merge{i}"))
+    image = torch.randn(1, 3, 40, 52, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = part(image), full(image)
+    assert list(out) == ["res2", "res3"] and calls == ["merge0", "stage0", "stage1"]
+    assert all(torch.equal(out[name], ref[name]) for name in out)
+
+
 def test_batch_of_two_equals_two_single_runs():
     torch.manual_seed(2)
     model = randomised(SwinTransformer(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[2, 2, 4, 4], window_size=7))

@@ -16,7 +16,8 @@ What the official code does and this port keeps (each changes the numbers):
 
 Differences (none changes the numbers): features travel channel-last, (B, H, W, C), between modules
 instead of flattened (B, H·W, C) with H and W set as block attributes; dropout and stochastic depth
-(inference no-ops) are not built; stages after the last requested feature are not run.
+(inference no-ops) are not built; stages after the last requested feature, and that stage's patch merging,
+are not run.
 
 Structure for relevance propagation (the model stays LRP-agnostic): window attention is written as
 separate steps, each a module or an explicit input — ``attn.qkv`` (nn.Linear), ``attn.scores``
@@ -244,15 +245,16 @@ class BasicLayer(nn.Module):
             for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, W, C) → (the stage's output, the next stage's input: merged, or the output itself)."""
+    def forward(self, x: torch.Tensor, merge: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) → (the stage's output, the next stage's input: merged, or the output itself when there
+        is no patch merging or ``merge`` is False, for a stage no later stage reads)."""
         mask = None
         if self.shift_size:
             mask = shift_attention_mask(x.shape[1], x.shape[2], self.window_size, self.shift_size,
                                         dtype=x.dtype, device=x.device)
         for block in self.blocks:
             x = block(x, mask)
-        return x, (self.downsample(x) if self.downsample is not None else x)
+        return x, (self.downsample(x) if self.downsample is not None and merge else x)
 
 
 class PatchEmbed(nn.Module):
@@ -348,12 +350,11 @@ class SwinTransformer(nn.Module):
             pos = F.interpolate(self.absolute_pos_embed, size=x.shape[1:3], mode="bicubic")  # (1, C, Wh, Ww)
             x = x + pos.permute(0, 2, 3, 1)
         outputs = {}
-        for i, (name, layer) in enumerate(zip(FEATURE_NAMES, self.layers)):
-            out, x = layer(x)
+        last = max(FEATURE_NAMES.index(name) for name in self._out_features)
+        for i, (name, layer) in enumerate(zip(FEATURE_NAMES[: last + 1], self.layers)):
+            out, x = layer(x, merge=i < last)  # the last stage run feeds no other: no patch merging
             if name in self._out_features:
                 outputs[name] = getattr(self, f"norm{i}")(out).permute(0, 3, 1, 2).contiguous()
-                if len(outputs) == len(set(self._out_features)):
-                    break
         return outputs
 
 
