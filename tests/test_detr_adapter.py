@@ -182,3 +182,19 @@ def test_default_composite_residual_is_the_first_cross_attention_softmax(image):
     only_there = replace(get_composite("conservative"), by_name=[(first_cross, Rule("attnlrp"))])
     residual, half, _ = residual_and_half_layer0(only_there)
     assert torch.allclose(residual, half, rtol=1e-6, atol=0)
+
+
+def test_the_models_own_processor_output_is_an_input(image):
+    """``processor(images=...)`` output explains the same as the image itself (same pixels, same relevance)."""
+    from maskdino_lrp.lrp.engine import EngineError
+
+    model = tiny_detr(5)
+    processor = transformers.DetrImageProcessorPil(do_resize=False)
+    features = processor(images=image, return_tensors="pt")
+    lrp = LRP(model, composite="conservative")
+    from_processor = lrp.explain(features, queries=[1, 4], stops=["pixels"])
+    from_image = lrp.explain(image, queries=[1, 4], stops=["pixels"])
+    assert torch.allclose(from_processor.relevance["pixels"], from_image.relevance["pixels"], rtol=1e-5, atol=1e-9)
+    assert from_processor.image.shape == image.shape and np.abs(from_processor.image.astype(int) - image).max() <= 1
+    with pytest.raises(EngineError, match="one image's processor output"):
+        lrp.explain({"pixel_values": torch.cat([features["pixel_values"]] * 2)}, queries=[0])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -230,8 +230,12 @@ class HFDetectionAdapter(Adapter):
 
     # ------------------------------------------------------------------ pixels and outputs
     def prepare(self, model, image, channel_order="RGB"):
+        """An image (path, array, PIL image, as MaskDINO takes) resized and normalised as the folder's processor
+        config says, or the output of the model's own image processor (a mapping with ``pixel_values``)."""
         from ..model.maskdino import read_image, resize_shortest_edge
 
+        if isinstance(image, Mapping) and "pixel_values" in image:
+            return self._from_processor(model, image)
         rgb = read_image(image, channel_order)
         settings = getattr(model, "lrp_preprocess", None) or {}  # from a preprocessor config (read_preprocessor)
         resized = rgb
@@ -243,6 +247,24 @@ class HFDetectionAdapter(Adapter):
         x = torch.from_numpy(resized.copy()).permute(2, 0, 1).to(param) * settings.get("rescale_factor", 1 / 255)
         mean, std = self._stats(model, param)
         return HFInput(((x - mean) / std)[None], rgb, tuple(resized.shape[:2]), tuple(rgb.shape[:2]))
+
+    def _from_processor(self, model: nn.Module, features: Mapping) -> HFInput:
+        """A processor's output as it is; the RGB image shown in reports is its de-normalised copy."""
+        x = torch.as_tensor(features["pixel_values"])
+        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+            raise EngineError(f"pixel_values of shape {tuple(x.shape)}: give one image's processor output "
+                              "(1, 3, H, W), e.g. processor(images=image, return_tensors='pt')")
+        mask = features.get("pixel_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise EngineError("the processor padded this image (pixel_mask has zeros): give one image per call, "
+                              "unpadded")
+        param = next(model.parameters())
+        x = x.to(param)
+        mean, std = self._stats(model, x)
+        scale = (getattr(model, "lrp_preprocess", None) or {}).get("rescale_factor", 1 / 255)
+        rgb = ((x[0] * std + mean) / scale).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        size = tuple(int(v) for v in x.shape[-2:])
+        return HFInput(x, rgb, size, size)
 
     @staticmethod
     def _stats(model: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
