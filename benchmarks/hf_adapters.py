@@ -71,12 +71,40 @@ def mask2former() -> torch.nn.Module:
     return transformers.Mask2FormerForUniversalSegmentation(config).eval()
 
 
+def _rtdetr(version: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import transformers
+
+        backbone = transformers.RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32],
+                                                   depths=[1, 1, 1, 1], layer_type="basic",
+                                                   out_features=["stage2", "stage3", "stage4"])
+        settings = dict(backbone_config=backbone, use_pretrained_backbone=False, encoder_hidden_dim=32,
+                        encoder_in_channels=[16, 24, 32], encoder_ffn_dim=48, encoder_attention_heads=4, d_model=32,
+                        decoder_in_channels=[32, 32, 32], decoder_ffn_dim=48, decoder_layers=2,
+                        decoder_attention_heads=4, decoder_n_points=2, num_queries=8, num_labels=4)
+        if version == "v2":
+            model = transformers.RTDetrV2ForObjectDetection(transformers.RTDetrV2Config(**settings))
+        else:
+            model = transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(**settings))
+        with torch.no_grad():  # transformers draws weights of std 0.01 (batch-norm scales too): unit gain instead
+            for m in model.modules():
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    m.weight.normal_(0.0, m.weight[0].numel() ** -0.5)
+                elif isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+        return model.eval()
+
+    return build
+
+
 FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "detr": detr,
     "deformable_detr": _deformable(),
     "deformable_detr_refine": _deformable(with_box_refine=True),
     "deformable_detr_2stage": _deformable(with_box_refine=True, two_stage=True),
     "mask2former": mask2former,
+    "rt_detr": _rtdetr("v1"),
+    "rt_detr_v2": _rtdetr("v2"),
 }
 
 
