@@ -1,8 +1,8 @@
 """The engine on Hugging Face Mask2Former through its adapter: conservation for the instance (class, mask),
 semantic and panoptic targets, gradient parity, restoration, batching.
 
-A tiny random ``Mask2FormerForUniversalSegmentation`` (transformers ResNet backbone, no pretrained weights) in
-float64. Tolerances: the conservative composite's ε = 1e-9 stabilisers (and the identity rule's, in the
+A tiny random ``Mask2FormerForUniversalSegmentation`` (transformers ResNet or Swin backbone, no pretrained
+weights) in float64. Tolerances: the conservative composite's ε = 1e-9 stabilisers (and the identity rule's, in the
 semantic and panoptic targets) leave residuals of order 1e-8 … 1e-6 relative; 1e-5 is asserted as the brief asks.
 """
 import logging
@@ -26,18 +26,23 @@ CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def tiny_config(**extra) -> "transformers.Mask2FormerConfig":
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
+def tiny_config(backbone: str = "resnet", **extra) -> "transformers.Mask2FormerConfig":
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if backbone == "swin":  # two blocks in the first stages: the second one's windows are shifted
+        backbone = transformers.SwinConfig(embed_dim=16, depths=[2, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
+                                           out_features=stages)
+    else:
+        backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                             layer_type="basic", out_features=stages)
     return transformers.Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False, feature_size=32,
                                           mask_feature_size=32, hidden_dim=32, num_attention_heads=4, encoder_layers=2,
                                           decoder_layers=3, dim_feedforward=48, encoder_feedforward_dim=48,
                                           num_queries=8, num_labels=4, **extra)
 
 
-def tiny_mask2former(seed: int = 0) -> torch.nn.Module:
+def tiny_mask2former(seed: int = 0, backbone: str = "resnet") -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = transformers.Mask2FormerForUniversalSegmentation(tiny_config()).eval().double()
+    model = transformers.Mask2FormerForUniversalSegmentation(tiny_config(backbone)).eval().double()
     with torch.no_grad():  # transformers initialises biases and norms trivially: make every term count
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.3) if name.endswith("bias") else p.mul_(1.0 + 0.5 * torch.rand_like(p))
@@ -103,10 +108,11 @@ def test_lrp_forward_computes_the_plain_values(image):
     session.cleanup()
 
 
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
 @pytest.mark.parametrize("target", ["class", "mask", "semantic", "panoptic"])
-def test_zero_bias_conservation_with_attention_as_constant(image, target):
+def test_zero_bias_conservation_with_attention_as_constant(image, target, backbone):
     """Pixels + booked constants = the explained target of a plain forward of the untouched model, at every cut."""
-    model = tiny_mask2former()
+    model = tiny_mask2former(backbone=backbone)
     zero_additive_constants(model)
     logits, masks = plain_outputs(model, image)
     queries = "topk:3"
@@ -124,7 +130,7 @@ def test_zero_bias_conservation_with_attention_as_constant(image, target):
         assert torch.all(row["bias"] == 0), cut
         accounted = row["total"] + row["embeddings"] + row["positional"]
         rel = ((accounted - reference).abs() / reference.abs()).max().item()
-        assert rel < 1e-5, f"{target}: cut {cut} conserves only to {rel:.2e}"
+        assert rel < 1e-5, f"{target}, {backbone}: cut {cut} conserves only to {rel:.2e}"
     assert expl.relevance["pixels"].abs().sum() > 0
     assert expl.relevance["memory"].shape == (len(queries), sum(lv.size for lv in expl.levels))
 
@@ -141,19 +147,20 @@ def test_mask_product_takes_the_product_rule(image):
     assert ((accounted / row["target"]) > 1.5).all()
 
 
-def test_biases_absorb_what_the_ledger_says_at_every_cut(image):
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_biases_absorb_what_the_ledger_says_at_every_cut(image, backbone):
     """With biases, each cut conserves once its downstream biases are counted (a cut that booked an upstream
     bias, or missed a downstream one, would leave a residual)."""
-    expl = LRP(tiny_mask2former(), composite="conservative").explain(image, queries="topk:3", stops=CUT_STOPS)
+    expl = LRP(tiny_mask2former(backbone=backbone), composite="conservative").explain(image, queries="topk:3", stops=CUT_STOPS)
     for cut, row in expl.conservation.items():
         assert (row["bias"].abs() > 1e-3 * row["target"].abs()).all(), cut  # the biases matter here
         rel = (row["residual"].abs() / row["target"].abs()).max().item()
         assert rel < 1e-5, f"cut {cut}: residual {rel:.2e}"
 
 
-@pytest.mark.parametrize("target", ["class", "mask"])
-def test_gradient_composite_is_autograd_gradient_times_input(image, target):
-    model = tiny_mask2former(1)
+@pytest.mark.parametrize("target,backbone", [("class", "resnet"), ("mask", "resnet"), ("mask", "swin")])
+def test_gradient_composite_is_autograd_gradient_times_input(image, target, backbone):
+    model = tiny_mask2former(1, backbone)
     queries = [0, 3, 5]
     expl = LRP(model, composite="gradient").explain(image, queries=queries, target=target, stops=["pixels"])
     x = Mask2FormerAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
@@ -197,6 +204,24 @@ def test_batched_equals_one_query_at_a_time(image):
         for key, rel in batched.relevance.items():
             assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
     session.cleanup()
+
+
+def test_swin_input_padded_to_the_patch_size():
+    """An image whose sides are not multiples of Swin's patch size: padded as Swin pads it (same outputs as the
+    model on the unpadded tensor), the relevance map cropped to the image, the padding's share reported."""
+    model = tiny_mask2former(6, "swin")
+    zero_additive_constants(model)
+    image = np.random.default_rng(1).integers(0, 256, (90, 78, 3), dtype=np.uint8)
+    prepared = Mask2FormerAdapter().prepare(model, image)
+    assert tuple(prepared.tensor.shape[-2:]) == (92, 80) and prepared.resized_size == (90, 78)
+    with torch.no_grad():
+        unpadded = model(pixel_values=prepared.tensor[..., :90, :78]).class_queries_logits[0]
+    expl = LRP(model, composite="conservative").explain(image, queries="topk:2", stops=["pixels"])
+    assert torch.allclose(expl.target_values, unpadded[expl.queries, expl.labels], rtol=1e-12, atol=0)
+    row = expl.conservation["pixels"]
+    rel = ((row["total"] + row["embeddings"] + row["positional"] - row["target"]).abs() / row["target"].abs()).max()
+    assert rel < 1e-5 and expl.relevance["pixels"].shape == (2, 90, 78)
+    LRP(model).explain(image, queries="topk:1", stops=["pixels"])  # the default composite's z^B on the padded input
 
 
 def synthetic_outputs(seed: int = 0) -> dict:

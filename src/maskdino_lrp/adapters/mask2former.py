@@ -1,13 +1,18 @@
-"""Hugging Face Mask2Former's adapter (``transformers.Mask2FormerForUniversalSegmentation``, ResNet backbone).
+"""Hugging Face Mask2Former's adapter (``transformers.Mask2FormerForUniversalSegmentation``, ResNet or Swin backbone).
 
-Structure read from transformers' ``modeling_mask2former.py``: the backbone's conv layers fold their batch
-norms; the pixel decoder's encoder is a multi-scale deformable attention (:mod:`.hf_deformable`, True marks
+Structure read from transformers' ``modeling_mask2former.py`` (and ``modeling_swin.py``): a ResNet's conv layers
+fold their batch norms; Swin's window attention is a DETR-style attention whose relative position bias and
+shift mask are constants added to the logits (booked, positional), its GELU takes the elementwise rule, and
+its input is padded to the patch size here as Swin would pad it; the pixel decoder's encoder is a multi-scale deformable attention (:mod:`.hf_deformable`, True marks
 padding), its FPN adds a lateral conv of the finest backbone feature; the transformer decoder's masked cross
 attention is an ``nn.MultiheadAttention`` whose boolean mask, thresholded from the previous layer's detached
 mask prediction, only selects (it carries no relevance); its self-attention (``Mask2FormerAttention``) takes
 sequence-first inputs. The mask predictor's einsum of mask embeddings and pixel embeddings is a bilinear
 product of two variable tensors: it is of the ``product`` kind. The sine position embeddings of the
-decoder's keys are booked as positional; the query embeddings are learned parameters (``embeddings``).
+decoder's keys, and the query position embeddings where the self-attention adds them, are booked as
+positional; the initial query features (and the query positions the cross-attention adds) are learned
+parameters (``embeddings``). Semantic and panoptic targets: :mod:`maskdino_lrp.lrp.targets`
+(``outputs["class_activation"]`` says the classes are a softmax with a last no-object class).
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from torch import nn
 from ..lrp.engine import EngineError, Ledger, LedgerEntry
 from ..lrp.rules import AttentionSteps
 from .base import Cut, Records, StopTensor, hooks
-from .hf_common import HFDetectionAdapter, HFDetections, append_output, book_output
+from .hf_common import HFDetectionAdapter, HFDetections, append_output, book_output, is_hf_class, qkv_attention_kernel
 from .hf_deformable import deformable_kernel, is_deformable
 
+_SWIN = "transformers.models.swin.modeling_swin"
+_BACKBONES = ("ResNetBackbone", "SwinBackbone")
 _BACKBONE = "model.pixel_level_module.encoder."
 _PIXEL_DECODER = "model.pixel_level_module.decoder."
 _MASK_EQUATION = "bqc,bchw->bqhw"  # the mask predictor's product: mask embeddings × pixel embeddings
@@ -33,33 +40,32 @@ _AFTER_MEMORY = (_PIXEL_DECODER + "layer_", _PIXEL_DECODER + "mask_projection.",
 _AFTER_ENCODER_INPUT = (_PIXEL_DECODER + "encoder.",) + _AFTER_MEMORY
 
 
-def _attention_kernel(module: nn.Module, steps: AttentionSteps) -> Callable:
-    """``Mask2FormerAttention`` (sequence-first; position embeddings on queries and keys, not values) under a
-    rule's steps; the projections are the patched q/k/v/out_proj."""
+def _attention_kernel(module: nn.Module, steps: AttentionSteps, track: Callable) -> Callable:
+    """``Mask2FormerAttention``: the DETR-style kernel on sequence-first tensors (the decoder's self-attention;
+    its additive mask, if any, is (B·H, Lq, Lk))."""
+    inner = qkv_attention_kernel(module, steps, track, output="out_proj")
 
-    def forward(hidden_states, attention_mask=None, position_embeddings=None, key_value_states=None,
-                key_value_position_embeddings=None, output_attentions=False, **_):
-        x = hidden_states.transpose(0, 1)  # (L, B, C) -> (B, L, C)
-        source = x if key_value_states is None else key_value_states.transpose(0, 1)
+    def forward(hidden_states, attention_mask=None, position_embeddings=None, **_):
+        x = hidden_states.transpose(0, 1)
         pos = None if position_embeddings is None else position_embeddings.transpose(0, 1)
-        source_pos = pos if key_value_states is None else (
-            None if key_value_position_embeddings is None else key_value_position_embeddings.transpose(0, 1))
-        b, lq, c = x.shape
-        lk, d = source.shape[1], module.head_dim
+        mask = None if attention_mask is None else attention_mask.view(x.shape[0], -1, *attention_mask.shape[1:])
+        out, weights = inner(x, attention_mask=mask, position_embeddings=pos)
+        return out.transpose(0, 1), weights
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B·H, L, d)
-            return t.view(b, -1, module.num_heads, d).transpose(1, 2).reshape(b * module.num_heads, -1, d)
+    return forward
 
-        q = heads(module.q_proj(x if pos is None else x + pos) * module.scaling)
-        k = heads(module.k_proj(source if source_pos is None else source + source_pos))
-        v = heads(module.v_proj(source))
-        logits = steps.scores(q, k.transpose(1, 2))
-        if attention_mask is not None:  # additive (B·H, Lq, Lk)
-            logits = logits + attention_mask
-        attn = steps.probabilities(logits)
-        out = steps.mix(attn, v).view(b, module.num_heads, lq, d).transpose(1, 2).reshape(b, lq, c)
-        weights = attn.detach().view(b, module.num_heads, lq, lk) if output_attentions else None
-        return module.out_proj(out).transpose(0, 1), weights
+
+def _swin_kernel(module: nn.Module, steps: AttentionSteps, track: Callable) -> Callable:
+    """``SwinAttention`` (windows as the batch): the DETR-style kernel, its logits plus the relative position
+    bias and, in shifted blocks, the shift mask (nW, N, N), the same for every image."""
+    inner = qkv_attention_kernel(module, steps, track)
+
+    def forward(hidden_states, attention_mask=None, **_):
+        bias = track("relative_position_bias", module.relative_position_bias(), "positional")  # (1, H, N, N)
+        if attention_mask is not None:
+            shift = track("shift_mask", attention_mask, "positional")
+            bias = bias + shift.unsqueeze(1).repeat(hidden_states.shape[0] // shift.shape[0], 1, 1, 1)
+        return inner(hidden_states, attention_mask=bias)
 
     return forward
 
@@ -82,7 +88,7 @@ def _mask_predictor_forward(module: nn.Module, product: Callable) -> Callable:
 
 
 class Mask2FormerAdapter(HFDetectionAdapter):
-    """``transformers.Mask2FormerForUniversalSegmentation`` (and its parts) with a transformers ResNet backbone."""
+    """``transformers.Mask2FormerForUniversalSegmentation`` (and its parts) with a transformers ResNet or Swin."""
 
     name = "mask2former"
     modeling = "transformers.models.mask2former.modeling_mask2former"
@@ -100,19 +106,23 @@ class Mask2FormerAdapter(HFDetectionAdapter):
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
-        if type(self.backbone(model)).__name__ != "ResNetBackbone":
+        if type(self.backbone(model)).__name__ not in _BACKBONES:
             raise EngineError(f"Mask2Former with a {type(self.backbone(model)).__name__} is not supported: build it "
-                              "with a transformers ResNetConfig backbone")
+                              "with a transformers ResNetConfig or SwinConfig backbone")
 
     def module_kind(self, name, module):
-        if self._ours(module, ("Mask2FormerAttention",)):
+        if self._ours(module, ("Mask2FormerAttention",)) or is_hf_class(module, _SWIN, ("SwinAttention",)):
             return "mha"
+        if is_hf_class(module, "transformers.activations", ("GELUActivation",)):  # Swin's MLP
+            return "elementwise"
         # its einsum (mask embeddings × pixel embeddings) takes the product rule: see connect()
         return "product" if self._ours(module, ("Mask2FormerMaskPredictor",)) else None
 
     def kernel(self, module, kind, steps, track):
         if kind == "mha" and self._ours(module, ("Mask2FormerAttention",)):
-            return _attention_kernel(module, steps)
+            return _attention_kernel(module, steps, track)
+        if kind == "mha" and is_hf_class(module, _SWIN, ("SwinAttention",)):
+            return _swin_kernel(module, steps, track)
         if kind == "deform_attn" and is_deformable(module):
             return deformable_kernel(module, steps, track, mask_marks="padding")
         return None
@@ -134,7 +144,17 @@ class Mask2FormerAdapter(HFDetectionAdapter):
                 m.forward = product
                 m.__dict__.pop("equation", None)
 
-    # ------------------------------------------------------------------ outputs
+    # ------------------------------------------------------------------ pixels and outputs
+    def prepare(self, model, image, channel_order="RGB"):
+        prepared = super().prepare(model, image, channel_order)
+        # Swin pads its input to the patch size with zeros: done here, the pixel rules see the tensor the first
+        # conv sees, and the explanation crops the padding as it does MaskDINO's
+        patch = getattr(getattr(self.backbone(model), "config", None), "patch_size", 1)
+        h, w = prepared.tensor.shape[-2:]
+        if isinstance(patch, int) and (h % patch or w % patch):
+            prepared.tensor = F.pad(prepared.tensor, (0, -w % patch, 0, -h % patch))
+        return prepared
+
     def forward(self, model, x, records):
         out = model(pixel_values=x)
         return {"pred_logits": out.class_queries_logits, "pred_masks": out.masks_queries_logits,
@@ -175,11 +195,15 @@ class Mask2FormerAdapter(HFDetectionAdapter):
         pixel_decoder = model.model.pixel_level_module.decoder
         transformer = model.model.transformer_module
 
-        def on_backbone(module, _args, out):  # named by stage; the stem and stages before the first lie upstream
+        def on_backbone(module, _args, out):  # by stage name; which features make the cut, what lies upstream
             rec["backbone"] = dict(zip(module.out_features, out.feature_maps))
-            first = module.stage_names.index(module.out_features[0])
-            rec["backbone_upstream"] = (_BACKBONE + "embedder.",) + tuple(
-                f"{_BACKBONE}encoder.stages.{i}." for i in range(first))
+            if type(module).__name__ == "SwinBackbone":  # side outputs (a norm each): all of them, the whole body
+                rec["backbone_cut"], rec["backbone_upstream"] = tuple(module.out_features), (_BACKBONE,)
+            else:  # ResNet stages read each other's outputs: the first feature carries everything above it
+                first = module.stage_names.index(module.out_features[0])
+                rec["backbone_cut"] = module.out_features[:1]
+                rec["backbone_upstream"] = (_BACKBONE + "embedder.",) + tuple(
+                    f"{_BACKBONE}encoder.stages.{i}." for i in range(first))
 
         def on_encoder(_m, args, kwargs):
             rec["encoder_input"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
@@ -236,9 +260,8 @@ class Mask2FormerAdapter(HFDetectionAdapter):
         rec = records.tensors
         laterals = tuple(f"lateral{i}" for i in range(len(rec.get("lateral", []))))
         upstream = rec.get("backbone_upstream", ())
-        # the ResNet's stages read each other's outputs: its first feature map carries everything above it
         return [
-            Cut("backbone", ("backbone",), tuple(f"backbone.{n}" for n in rec.get("backbone", {}))[:1],
+            Cut("backbone", ("backbone",), tuple(f"backbone.{n}" for n in rec.get("backbone_cut", ())),
                 lambda entry: not entry.name.startswith(upstream)),
             Cut("encoder_input", ("encoder_input", "memory"), ("encoder_input",) + laterals,
                 lambda entry: entry.name.startswith(_AFTER_ENCODER_INPUT)),
