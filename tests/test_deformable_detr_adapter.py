@@ -21,7 +21,8 @@ from conftest import zero_additive_constants
 
 QUERIES = [0, 3, 5]
 CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
-VARIANTS = {"single": {}, "refine": {"with_box_refine": True}, "two_stage": {"with_box_refine": True, "two_stage": True}}
+VARIANTS = {"single": {}, "refine": {"with_box_refine": True},
+            "two_stage": {"with_box_refine": True, "two_stage": True}}
 
 
 def tiny_deformable_detr(variant: str = "single", seed: int = 0, random_heads: bool = True) -> torch.nn.Module:

@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", metavar="CFG",
                        help="preset name (tiny, maskdino_r50_3s_coco, …) or an official MaskDINO YAML")
     model.add_argument("--hf", metavar="DIR",
-                       help="a local Hugging Face save_pretrained folder: DETR, Deformable DETR, RT-DETR (v1, v2) "
-                       "or Mask2Former, by its config's model_type (needs pip install maskdino-lrp[hf]); class names "
-                       "from its config's id2label")
+                       help="a local Hugging Face save_pretrained folder: DETR, Conditional DETR, Deformable DETR, "
+                       "RT-DETR (v1, v2) or Mask2Former, by its config's model_type (needs pip install "
+                       "maskdino-lrp[hf]); class names from its config's id2label")
     p.add_argument("--checkpoint", metavar="CKPT", help="weights: official .pth / detectron2 .pkl / .safetensors "
                    "(without: a preset's shipped weights, e.g. demo's, else random weights seeded by --seed, "
                    "with a warning)")
@@ -257,6 +257,7 @@ def _check_hf_folder(folder: str) -> None:
 HF_AUTO_CLASSES = {
     "detr": "AutoModelForObjectDetection",
     "deformable_detr": "AutoModelForObjectDetection",
+    "conditional_detr": "AutoModelForObjectDetection",
     "rt_detr": "AutoModelForObjectDetection",
     "rt_detr_v2": "AutoModelForObjectDetection",
     "mask2former": "AutoModelForUniversalSegmentation",

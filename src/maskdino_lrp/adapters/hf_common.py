@@ -31,7 +31,7 @@ from .base import Adapter, Records
 from .hf_deformable import deformable_kernel, is_deformable
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HFInput", "HFDetections", "HFDetectionAdapter", "is_hf_class",
-           "is_frozen_norm", "read_preprocessor", "qkv_attention_kernel", "book_output", "book_input",
+           "is_frozen_norm", "read_preprocessor", "attend", "qkv_attention_kernel", "book_output", "book_input",
            "append_output"]
 
 # the statistics transformers' DETR-family image processors normalise with by default
@@ -106,6 +106,29 @@ class HFDetections:
 
 
 # ----------------------------------------------------------------------------- kernels and hooks
+def attend(steps: AttentionSteps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scaling: float,
+           attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head dot-product attention of projected (B, L, H·d) queries, keys and values under a rule's steps.
+
+    Queries and keys may have another per-head size than values (Conditional DETR concatenates a positional
+    half). ``attention_mask`` (B, 1, Lq, Lk): additive, or boolean with True = attend. Returns the heads'
+    outputs (B, Lq, H·d_v), before the output projection, and the probabilities (B, H, Lq, Lk), detached.
+    """
+    b, lq, _ = q.shape
+    lk = k.shape[1]
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, H·d) -> (B·H, L, d)
+        return t.view(b, t.shape[1], heads, -1).transpose(1, 2).reshape(b * heads, t.shape[1], -1)
+
+    logits = steps.scores(split(q), split(k).transpose(1, 2)) * scaling
+    if attention_mask is not None:
+        mask = attention_mask.expand(b, heads, lq, lk).reshape(-1, lq, lk)
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    attn = steps.probabilities(logits)
+    out = steps.mix(attn, split(v)).view(b, heads, lq, -1).transpose(1, 2).reshape(b, lq, -1)
+    return out, attn.detach().view(b, heads, lq, lk)
+
+
 def qkv_attention_kernel(module: nn.Module, steps: AttentionSteps, track: Callable, cross: bool = False,
                          output: str = "o_proj") -> Callable:
     """A transformers DETR-style attention (``q_proj``/``k_proj``/``v_proj``, ``output``; ``head_dim``,
@@ -125,23 +148,12 @@ def qkv_attention_kernel(module: nn.Module, steps: AttentionSteps, track: Callab
             key_value_states, key_pos = hidden_states, position_embeddings
         else:
             key_pos = track("encoder_position_embeddings", encoder_position_embeddings, "positional")
-        b, lq, _ = hidden_states.shape
-        lk = key_value_states.shape[1]
-        d = module.head_dim
         query_in = hidden_states if position_embeddings is None else hidden_states + position_embeddings
         key_in = key_value_states if key_pos is None else key_value_states + key_pos
-        # (B, L, C) -> (B·H, L, d)
-        q = module.q_proj(query_in).view(b, lq, -1, d).transpose(1, 2).reshape(-1, lq, d)
-        k = module.k_proj(key_in).view(b, lk, -1, d).transpose(1, 2).reshape(-1, lk, d)
-        v = module.v_proj(key_value_states).view(b, lk, -1, d).transpose(1, 2).reshape(-1, lk, d)
-        heads = q.shape[0] // b
-        logits = steps.scores(q, k.transpose(1, 2)) * module.scaling
-        if attention_mask is not None:  # (B, 1, Lq, Lk): additive, or boolean with True = attend
-            mask = attention_mask.expand(b, heads, lq, lk).reshape(-1, lq, lk)
-            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
-        attn = steps.probabilities(logits)
-        out = steps.mix(attn, v).view(b, heads, lq, d).transpose(1, 2).reshape(b, lq, heads * d)
-        return out_proj(out), attn.detach().view(b, heads, lq, lk)
+        heads = hidden_states.shape[-1] // module.head_dim
+        out, attn = attend(steps, module.q_proj(query_in), module.k_proj(key_in), module.v_proj(key_value_states),
+                           heads, module.scaling, attention_mask)
+        return out_proj(out), attn
 
     return forward
 
