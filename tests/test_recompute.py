@@ -154,3 +154,37 @@ def test_adapter_declares_blocks_and_layers():
     names = LRP(swin(), recompute=True).segments
     assert sum(".blocks." in n for n in names) == 8 and sum(n.endswith(".downsample") for n in names) == 3
     assert sum(".encoder.layers." in n for n in names) == 1
+
+
+@pytest.mark.parametrize("config, overrides", [("tiny", None), ("maskdino_swint_coco", SMALL)], ids=["resnet", "swin"])
+def test_estimate_counts_what_the_segments_keep(config, overrides):
+    """The estimate's recomputed case keeps each segment's input: its count equals the inputs the real model's
+    blocks and encoder layers receive (the position encoding is one tensor shared by the layers)."""
+    from maskdino_lrp.adapters.maskdino import MaskDINOAdapter
+    from maskdino_lrp.analysis.estimate import _segment_counts, estimate, model_shapes
+
+    torch.manual_seed(0)
+    model = build_model(config, overrides=overrides)
+    seen = {"backbone": 0, "encoder": 0, "pos": set()}
+
+    def count(name):
+        def hook(_m, args):
+            part = "backbone" if name.startswith("backbone.") else "encoder"
+            seen[part] += args[0].numel()
+            if part == "encoder":
+                seen["pos"].add((args[1].data_ptr(), args[1].numel()))
+        return hook
+
+    for name in MaskDINOAdapter().segments(model):
+        model.get_submodule(name).register_forward_pre_hook(count(name))
+    image = np.zeros((60, 90, 3), dtype=np.uint8)
+    with torch.no_grad():
+        model(model.prepare(image).tensor)
+    segments = _segment_counts(model_shapes(config, (60, 90), overrides, count_parameters=False))
+    assert seen["backbone"] == segments["inputs"]
+    assert len(seen["pos"]) == 1
+    assert seen["encoder"] + next(iter(seen["pos"]))[1] == segments["encoder_inputs"]
+    kept, recomputed = (estimate(config, (60, 90), 1, overrides=overrides, gflops=1.0, recompute=flag)
+                        for flag in (False, True))
+    assert recomputed.forward_bytes < kept.forward_bytes and recomputed.recompute_bytes > 0
+    assert recomputed.seconds_per_target > kept.seconds_per_target

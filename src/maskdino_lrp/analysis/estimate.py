@@ -45,6 +45,12 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
   mask_features; query states ``Q·D`` per layer) and at the ledger leaves (positional encodings
   ``T·D``, reference embeddings ``2·Q·D`` per decoder layer).
 
+* **recomputation** (``recompute=True``, :mod:`maskdino_lrp.lrp.recompute`) — the backbone blocks and
+  encoder layers keep only their inputs (``h·w·C`` per block, ``T·D`` per layer, once each, not × α) and
+  the rest of the backbone (stem or patch embedding, output norms) its activations; the backward adds
+  the largest recomputed segment (α × one block's or :data:`ALPHA_ENCODER` × one layer's activations)
+  to its chain, and each target's backward one more forward of the segments it crosses.
+
 * **the process and the photo** — the interpreter with torch, numpy, PIL and this package
   (:data:`RUNTIME_BYTES`, + :data:`RENDER_BYTES` when PNGs are written), and the photo at its
   *original* size: :data:`IMAGE_BYTES_PER_PIXEL` per pixel for the copies held while it is explained,
@@ -325,6 +331,37 @@ def _backbone_counts(s: Shapes) -> tuple[int, int, int]:
     return acts, macs, largest
 
 
+def _segment_counts(s: Shapes) -> dict[str, int]:
+    """With recomputation, in elements: ``kept`` the backbone's activations outside its blocks (× α),
+    ``inputs`` the blocks' and encoder layers' inputs (× 1), ``block`` the largest block (patch merging included)
+    and ``layer`` one encoder layer (their activations, rebuilt one at a time in the backward)."""
+    t, d = s.tokens, s.hidden
+    st = s.stem
+    blocks: list[tuple[int, int]] = []  # (input elements, activation elements) per block
+    if s.backbone and "window" in s.backbone[0]:  # Swin: patch embedding and output norms stay
+        kept = 2 * st["channels"] * st["height"] * st["width"] + sum(g["channels"] * g["height"] * g["width"]
+                                                                   for g in s.backbone)
+        for i, stage in enumerate(s.backbone):
+            c, ws, hw = stage["channels"], stage["window"], stage["height"] * stage["width"]
+            hwp = _ceil_div(stage["height"], ws) * ws * _ceil_div(stage["width"], ws) * ws
+            hidden = int(c * stage["mlp_ratio"])
+            acts = hw * (5 * c + 2 * hidden) + hwp * (5 * c + 2 * stage["heads"] * ws * ws)
+            blocks += [(c * hw, acts)] * stage["blocks"] + ([(c * hw, 3 * c * hw // 2)] if i < 3 else [])
+    else:  # ResNet: the stem stays
+        kept = st["channels"] * (st["height"] * st["width"] + st["pooled"][0] * st["pooled"][1])
+        cin, hw_in = st["channels"], st["pooled"][0] * st["pooled"][1]
+        for stage in s.backbone:
+            c, hw, cb = stage["channels"], stage["height"] * stage["width"], stage["bottleneck"]
+            for b in range(stage["blocks"]):
+                acts = 3 * c * hw if cb is None else 2 * cb * hw + 2 * c * hw
+                blocks.append((cin * hw_in, acts + (c * hw if b == 0 and cin != c else 0)))
+                cin, hw_in = c, hw
+    layer = t * (10 * d + 2 * s.enc_ffn + 6 * s.heads * s.num_levels * s.points) \
+        + 8 * s.num_levels * t * s.heads * s.points
+    return {"kept": kept, "inputs": sum(i for i, _ in blocks), "encoder_inputs": (s.enc_layers + 1) * t * d if s.enc_layers else 0,
+            "block": max((a for _, a in blocks), default=0), "layer": layer if s.enc_layers else 0}
+
+
 def _head_counts(s: Shapes) -> dict[str, int]:
     t, d, q = s.tokens, s.hidden, s.queries
     mlp = s.num_levels * s.points
@@ -418,13 +455,15 @@ class Estimate:
     seconds_per_target: float
     seconds_total: float
     breakdown: dict[str, int] = field(default_factory=dict)  # activation elements per part
+    recompute: bool = False  # segments recomputed in the backward (forward_bytes then holds their inputs only)
+    recompute_bytes: int = 0  # the largest segment's activations, rebuilt during the backward
 
     def total_for(self, chunk: int) -> int:
         """Total bytes for K targets with a given chunk size."""
         chunk = max(1, min(int(chunk), self.targets))
         return (self.runtime_bytes + self.parameter_bytes + self.image_bytes + self.forward_bytes
                 + max(self.forward_transient_bytes, self.mask_transient_bytes,
-                      self.backward_chain_bytes + chunk * self.per_target_bytes)
+                      self.backward_chain_bytes + self.recompute_bytes + chunk * self.per_target_bytes)
                 + self.targets * self.result_bytes_per_target)
 
     def to_dict(self) -> dict:
@@ -447,7 +486,8 @@ class Estimate:
             f"process           {gb(self.runtime_bytes)} (interpreter and libraries)",
             f"parameters        {gb(self.parameter_bytes)}",
             f"photo             {gb(self.image_bytes)} (+ {gb(self.mask_transient_bytes)} resizing masks to it)",
-            f"forward (held)    {gb(self.forward_bytes)}",
+            f"forward (held)    {gb(self.forward_bytes)}"
+            + (f" (segments recomputed: + {gb(self.recompute_bytes)} in the backward)" if self.recompute else ""),
             f"forward transient {gb(self.forward_transient_bytes)}",
             f"backward          {gb(self.backward_chain_bytes)} + per target {gb(self.per_target_bytes)} "
             f"(+ {gb(self.result_bytes_per_target)} kept)",
@@ -498,13 +538,13 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
              stops: Sequence[str] | str = ("pixels", "encoder_input", "memory"), dtype: str = "float32",
              keep_channels: bool = False, overrides: Mapping[str, Any] | None = None,
              gflops: float | None = None, parameters: int | None = None,
-             formats: Sequence[str] = ("csv", "npz", "png")) -> Estimate:
+             formats: Sequence[str] = ("csv", "npz", "png"), recompute: bool = False) -> Estimate:
     """Memory and time for explaining ``queries`` targets of one ``image_size`` image (see the module docstring).
 
     ``chunk_size`` defaults to the recommended one for ``memory_budget_gb`` (or to all targets at once
     when no budget is given); ``gflops`` is the machine's matmul throughput (measured when None);
     ``parameters`` the model's parameter + buffer count (counted on the meta device when None);
-    ``formats`` the outputs written (PNGs load matplotlib). The total is the peak resident size of the
+    ``formats`` the outputs written (PNGs load matplotlib); ``recompute`` models ``LRP(recompute=True)``. The total is the peak resident size of the
     whole process (``ru_maxrss``), the interpreter and libraries included; the recommended chunk keeps it
     within :data:`HEADROOM` of the budget.
     """
@@ -531,11 +571,18 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
                  "masks": head["masks"]}
     forward_bytes = int((ALPHA * (sum(breakdown.values()) - breakdown["encoder"])
                          + ALPHA_ENCODER * breakdown["encoder"]) * nbytes)
+    reaches_pixels = any(p in stops for p in ("pixels", "backbone"))
+    reaches_encoder = reaches_pixels or any(p in stops for p in ("encoder_input", "encoder_layers"))
+    recompute_bytes = 0
+    if recompute:
+        seg = _segment_counts(s)
+        rest = sum(breakdown.values()) - breakdown["backbone"] - breakdown["encoder"]
+        forward_bytes = int((ALPHA * (rest + seg["kept"]) + seg["inputs"] + seg["encoder_inputs"]) * nbytes)
+        recompute_bytes = int(max(ALPHA * seg["block"] * reaches_pixels,
+                                  ALPHA_ENCODER * seg["layer"] * reaches_encoder) * nbytes)
     hp, wp = s.padded_size
     transient = head["sampler"] * nbytes  # the post-processing's masks: mask_transient below
     # the live gradient chain: the largest activation on the way down to the deepest stop
-    reaches_pixels = any(p in stops for p in ("pixels", "backbone"))
-    reaches_encoder = reaches_pixels or any(p in stops for p in ("encoder_input", "encoder_layers"))
     chain = s.queries * s.hidden
     if reaches_encoder and s.enc_layers:
         chain = max(chain, s.num_levels * s.points * s.tokens * s.hidden)
@@ -558,7 +605,7 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
     fixed = runtime + parameter_bytes + image_bytes + forward_bytes + k * result_bytes
 
     def total(c: int) -> int:
-        return fixed + max(transient, mask_transient, chain_bytes + c * per_target)
+        return fixed + max(transient, mask_transient, chain_bytes + recompute_bytes + c * per_target)
 
     budget = int(memory_budget_gb * GB) if memory_budget_gb is not None else None
     if budget is None:
@@ -568,7 +615,7 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
         fits = total(1) <= usable
         recommended = 1
         if fits:
-            free = usable - fixed - chain_bytes
+            free = usable - fixed - chain_bytes - recompute_bytes
             recommended = max(1, min(k, free // max(per_target, 1)))
     chunk = int(chunk_size) if chunk_size else recommended
     chunk = max(1, min(chunk, k))
@@ -580,6 +627,9 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
     crossed = macs_forward if reaches_pixels else (
         macs_forward - bb_macs if reaches_encoder else head["macs_decoder"] + head["macs_pixel_decoder"])
     seconds_target = BACKWARD_FACTOR * 2 * crossed / 1e9 / (throughput * EFFICIENCY)
+    if recompute:  # each backward pass runs the forward of the segments it crosses once more
+        rebuilt = bb_macs * reaches_pixels + head["macs_encoder"] * reaches_encoder
+        seconds_target += LRP_FORWARD_FACTOR * 2 * rebuilt / 1e9 / (throughput * EFFICIENCY)
     lrp_forward = LRP_FORWARD_FACTOR * seconds_forward
     name = config if isinstance(config, (str, Path)) else "<dict>"
     return Estimate(
@@ -589,5 +639,6 @@ def estimate(config: str | Path | Mapping[str, Any], image_size: int | Sequence[
         backward_chain_bytes=chain_bytes, per_target_bytes=per_target, result_bytes_per_target=result_bytes, total_bytes=total(chunk),
         memory_budget_bytes=budget, recommended_chunk=int(recommended), fits=fits, forward_gflop=gflop,
         throughput_gflops=throughput, seconds_forward=lrp_forward, seconds_per_target=seconds_target,
-        seconds_total=lrp_forward + k * seconds_target, breakdown=breakdown,
+        seconds_total=lrp_forward + k * seconds_target, breakdown=breakdown, recompute=recompute,
+        recompute_bytes=recompute_bytes,
     )
