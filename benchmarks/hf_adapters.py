@@ -59,16 +59,23 @@ def _deformable(**variant) -> Callable[[], torch.nn.Module]:
     return build
 
 
-def mask2former() -> torch.nn.Module:
-    import transformers
+def _mask2former(swin: bool) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import transformers
 
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = transformers.Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False, feature_size=32,
-                                            mask_feature_size=32, hidden_dim=32, num_attention_heads=4,
-                                            encoder_layers=2, decoder_layers=3, dim_feedforward=48,
-                                            encoder_feedforward_dim=48, num_queries=8, num_labels=4)
-    return transformers.Mask2FormerForUniversalSegmentation(config).eval()
+        stages = ["stage1", "stage2", "stage3", "stage4"]
+        backbone = transformers.SwinConfig(embed_dim=16, depths=[2, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
+                                           out_features=stages) if swin else \
+            transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                      layer_type="basic", out_features=stages)
+        config = transformers.Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False,
+                                                feature_size=32, mask_feature_size=32, hidden_dim=32,
+                                                num_attention_heads=4, encoder_layers=2, decoder_layers=3,
+                                                dim_feedforward=48, encoder_feedforward_dim=48, num_queries=8,
+                                                num_labels=4)
+        return transformers.Mask2FormerForUniversalSegmentation(config).eval()
+
+    return build
 
 
 def _rtdetr(version: str) -> Callable[[], torch.nn.Module]:
@@ -102,7 +109,8 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "deformable_detr": _deformable(),
     "deformable_detr_refine": _deformable(with_box_refine=True),
     "deformable_detr_2stage": _deformable(with_box_refine=True, two_stage=True),
-    "mask2former": mask2former,
+    "mask2former": _mask2former(swin=False),
+    "mask2former_swin": _mask2former(swin=True),
     "rt_detr": _rtdetr("v1"),
     "rt_detr_v2": _rtdetr("v2"),
 }
