@@ -45,6 +45,16 @@ def detr() -> torch.nn.Module:
     return transformers.DetrForObjectDetection(config).eval()
 
 
+def conditional_detr() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.ConditionalDetrConfig(
+        use_timm_backbone=False, backbone_config=_resnet(), use_pretrained_backbone=False, d_model=32,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, num_queries=8, num_labels=4)
+    return transformers.ConditionalDetrForObjectDetection(config).eval()
+
+
 def _deformable(**variant) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         import transformers
@@ -106,6 +116,7 @@ def _rtdetr(version: str) -> Callable[[], torch.nn.Module]:
 
 FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "detr": detr,
+    "conditional_detr": conditional_detr,
     "deformable_detr": _deformable(),
     "deformable_detr_refine": _deformable(with_box_refine=True),
     "deformable_detr_2stage": _deformable(with_box_refine=True, two_stage=True),
