@@ -255,8 +255,9 @@ def test_evaluate_writes_tables_curves_and_summary(model, tmp_path):
     for row in result["records"]:
         assert row["srg@zero"] == pytest.approx(row["lif_auc@zero"] - row["deletion_auc@zero"])
     # steps=2 over the whole range: LIF shares its images with insertion, so per (pair, unit, replacement)
-    # the forwards are start + neutral + 1 deletion + 1 insertion image per order (3 methods + random)
-    assert result["forwards"] == 2 * 2 * 2 * (2 + 2 * 4)
+    # the forwards are 1 deletion + 1 insertion image per order (3 methods + random); the start is the
+    # clean forward and the neutral input runs once per (unit, replacement) for both pairs
+    assert result["forwards"] == 2 * 2 * 2 * (2 * 4) + 2 * 2
     assert "token deletion gap vs random" in table and "mean token" in (tmp_path / "summary.md").read_text()
     assert "random weights" in (tmp_path / "summary.md").read_text()
     csv_header = (tmp_path / "results.csv").read_text().splitlines()[0]

@@ -284,8 +284,47 @@ def test_srg_of_a_linear_model_by_hand():
     assert row["deletion_gap"] == pytest.approx(1.25) and row["insertion_gap"] == pytest.approx(6.25 - 5.0)
     # the reversed order swaps MIF and LIF: SRG flips sign
     assert probe.metrics(curves["reversed"], x, 2, None)["srg"] == pytest.approx(-2.5)
-    # LIF's images are insertion's (full range), start and neutral are shared: 2 + 2 orders × 2 kinds × 3 counts
-    assert probe.forwards == 2 + 2 * 2 * 3
+    # LIF's images are insertion's (full range), start and neutral are shared, and the reversed order's
+    # deletion images are the right order's insertion images (and vice versa): 2 + 2 kinds × 3 counts
+    assert probe.forwards == 2 + 2 * 3
+
+
+def test_curve_probe_scores_equal_inputs_of_different_orders_once():
+    """An input is identified by what it replaces: two orders that rank alike share every image; orders
+    that agree only on the first elements share only those steps; known scores are not run again."""
+    from maskdino_lrp.eval.curves import curve_counts
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(4, 5))
+    image = torch.as_tensor(rng.random((1, 4, 5)))
+    order = M.relevance_order(w)
+    counts = curve_counts(20, 4, 1.0)  # 0, 5, 10, 15, 20
+    alone = _probe(_linear_model(w), image, torch.zeros_like(image))
+    reference = alone.curves({"a": order}, counts)
+    assert alone.forwards == 2 + 2 * 3
+    twins = _probe(_linear_model(w), image, torch.zeros_like(image))
+    curves = twins.curves({"a": order, "b": order.copy()}, counts)
+    assert twins.forwards == alone.forwards
+    apart = _probe(_linear_model(w), image, torch.zeros_like(image))
+    apart.by_content = False  # the reference path: each order its own inputs, the same curves
+    separate = apart.curves({"a": order, "b": order.copy()}, counts)
+    assert apart.forwards == 2 + 2 * 2 * 3
+    for mode in ("deletion", "insertion", "lif"):
+        np.testing.assert_array_equal(curves["b"][mode], reference["a"][mode])
+        np.testing.assert_allclose(separate["b"][mode], curves["b"][mode], rtol=1e-12)
+    # the same first 5 elements in another order, the rest shuffled: at 25 % both delete (and both insert)
+    # the same set, so those two images are shared
+    partial = np.concatenate([order[:5][::-1], rng.permutation(order[5:])])
+    probe = _probe(_linear_model(w), image, torch.zeros_like(image))
+    probe.curves({"a": order, "c": partial}, counts)
+    assert probe.forwards == 2 + 2 * 3 + (2 * 3 - 2)
+    # known start and neutral scores are used, not recomputed
+    known = _probe(_linear_model(w), image, torch.zeros_like(image))
+    known.known = {("start",): np.array([123.0]), ("neutral",): np.array([-1.0])}
+    got = known.curves({"a": order}, counts)
+    assert known.forwards == 2 * 3
+    assert got["a"]["deletion"][0, 0] == 123.0 and got["a"]["deletion"][-1, 0] == -1.0
+    np.testing.assert_array_equal(got["a"]["deletion"][1:-1], reference["a"]["deletion"][1:-1])
 
 
 def test_curve_probe_agrees_with_the_one_curve_reference():

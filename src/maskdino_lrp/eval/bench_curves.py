@@ -1,107 +1,114 @@
-"""Benchmark: the batched curves of :mod:`.curves` against one curve per (order, mode), on one demo pair.
+"""Benchmark: an image's curves with shared forwards against the unshared reference path, in one run.
 
-    python -m maskdino_lrp.eval.bench_curves --steps 20 --orders 13 --rounds 1
+    python -m maskdino_lrp.eval.bench_curves --images 2 --pairs 1 --steps 20 --replacements mean
 
-Both paths compute MIF deletion, insertion and LIF deletion for ``orders`` random removal orders, in
-pixels and in encoder tokens. ``one-by-one``: :func:`~.metrics.perturbation_curve` per (order, mode)
-in batches of 8, LIF as its own deletion curve of the reversed order, a :class:`~.metrics.TokenScore`
-built for the pair (backbone + head); ``batched``: :class:`~.curves.CurveProbe` (every distinct image
-once, LIF on insertion's images, batches of 16) on the image's shared :class:`~.metrics.TokenFeatures`.
-The rounds alternate, so load from other processes hits both alike; the curves must agree.
+Both paths run :func:`~.per_image.evaluate_image` on the demo model with the same settings and the
+same maps (every method's maps are computed once, before the rounds, and replayed to both paths, so
+only the curves differ in cost): MIF deletion, insertion and LIF deletion for every method's order and
+the random one, in pixels and in encoder tokens. ``unshared`` (``reuse_forwards=False``): each pair
+runs its start and neutral inputs, each order its own inputs, the token head on B copies of the
+features. ``shared``: the start from the image's clean forward, each neutral input once per image,
+inputs equal across orders once, the token head's pre-encoder part at batch 1. The rounds
+alternate, so load from other processes hits both alike; every faithfulness value must agree
+within 1e-6. Prints forwards and curve seconds per pair of each round and the ratios.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from . import metrics as M
-from .curves import CurveProbe, curve_counts
-from .matching import match_detections
+from .methods import DEFAULT_METHODS, AttributionMaps, Method, available_methods, get_method
+from .per_image import ImageContext, evaluate_image
+from .settings import EvalSettings
+
+
+class _Replay(Method):
+    """A method whose maps are computed once per (image, queries, labels) and then returned again."""
+
+    needs_warm_up = False
+
+    def __init__(self, method: Method):
+        self.method, self.name = method, method.name
+        self.cache: dict[tuple, AttributionMaps] = {}
+
+    def attribute_batch(self, model: Any, prepared: Any, queries: Sequence[int], labels: Sequence[int]) -> AttributionMaps:
+        key = (prepared.rgb.tobytes(), tuple(int(q) for q in queries), tuple(int(l) for l in labels))
+        if key not in self.cache:
+            self.cache[key] = self.method.attribute_batch(model, prepared, queries, labels)
+        return self.cache[key]
+
+    def _maps(self, model, prepared, queries, labels):  # pragma: no cover - attribute_batch is overridden
+        raise NotImplementedError
+
+
+def _faithfulness(part: dict[str, Any]) -> dict[tuple, float]:
+    return {(row["method"], row["query"], key): value for row in part["records"] for key, value in row.items()
+            if "@" in key}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print forwards and seconds per round of both paths."""
+    """Print forwards and curve seconds per pair of both paths, per round, and their ratios."""
     from .. import build_model
-    from ..data.shapes import ShapesConfig, generate_sample
-    from .run import _resolve_checkpoint
+    from ..data.shapes import ShapesConfig
+    from ..model.checkpoint import shipped_weights
 
     p = argparse.ArgumentParser(prog="python -m maskdino_lrp.eval.bench_curves", description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=1, help="pairs per image at most")
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--orders", type=int, default=13, help="removal orders (methods + the random baseline)")
+    p.add_argument("--replacements", default="mean")
+    p.add_argument("--units", default="pixels,tokens")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--drise-masks", type=int, default=100, help="D-RISE masks (its map only sets its order here)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = build_model("demo", checkpoint=_resolve_checkpoint("demo", None)).eval()
-    sample = generate_sample(2026, 0, ShapesConfig(image_size=160))
-    prepared = model.prepare(sample.image)
-    with torch.no_grad():
-        outputs = model(prepared.tensor)
-    pair = match_detections(model.postprocess(outputs, prepared), sample.boxes, sample.classes)[0]
-    box = outputs["pred_boxes"][0, pair.query]
-    image = (prepared.tensor[0] * model.pixel_std + model.pixel_mean).detach()
-    neutral = M.mean_replacement(image)
-    rng = np.random.default_rng(0)
-    pixel_orders = {f"o{i}": M.relevance_order(rng.random(image.shape[-2:])) for i in range(args.orders)}
-    shared = M.TokenFeatures(model, prepared.tensor)
-    token_orders = {k: M.level_balanced_order(rng.random(shared.num_tokens), shared.shapes) for k in pixel_orders}
+    model = build_model("demo", checkpoint=shipped_weights("demo")).eval()
+    names = [m for m in args.methods.split(",") if m in available_methods()]
+    options = {"d-rise": {"n_masks": args.drise_masks}}
+    methods = {name: _Replay(get_method(name, **options.get(name, {}))) for name in names}
+    settings = EvalSettings(config="demo", n_images=args.images, seed=args.seed, steps=args.steps, methods=names,
+                            units=args.units.split(","), replacements=args.replacements.split(","),
+                            max_pairs_per_image=args.pairs, randomisation=False)
+    print(f"{len(names)} methods + random order, {args.steps} steps, units {settings.units}, "
+          f"replacements {settings.replacements}, {args.images} images, <= {args.pairs} pair(s) each", flush=True)
+    start = time.perf_counter()
+    for index in range(args.images):  # the maps, once (replayed to both paths)
+        evaluate_image(index, ImageContext(settings, model, None, methods, ShapesConfig(image_size=160),
+                                           warmed_up=True, reuse_forwards=True))
+    print(f"maps and one shared pass: {time.perf_counter() - start:.1f} s", flush=True)
 
-    def one_by_one() -> tuple[dict, int]:
-        forwards, out = 0, {}
-        for unit in ("pixels", "tokens"):
-            if unit == "pixels":
-                scorer, start, blank, orders = M.DetectorScore(model, pair.query, pair.label, box), image, neutral, pixel_orders
-            else:
-                scorer = M.TokenScore(model, prepared.tensor, pair.query, pair.label, box)
-                start = torch.ones(1, 1, scorer.num_tokens)
-                blank, orders = torch.zeros_like(start), token_orders
-            ends = scorer(torch.stack([start, blank])).numpy()
-            forwards += 2
-            for key, order in orders.items():
-                for mode, o, kind in (("deletion", order, "deletion"), ("insertion", order, "insertion"),
-                                      ("lif", order[::-1].copy(), "deletion")):
-                    out[(unit, key, mode)] = M.perturbation_curve(scorer, start, blank, None, args.steps, kind, 8,
-                                                                  endpoints=(ends[0], ends[1]), order=o)
-                    forwards += args.steps - 1
-        return out, forwards
-
-    def batched() -> tuple[dict, int]:
-        forwards, out = 0, {}
-        for unit in ("pixels", "tokens"):
-            if unit == "pixels":
-                probe = CurveProbe(unit, "mean", M.DetectorScore(model, pair.query, pair.label, box), image, neutral)
-                orders = pixel_orders
-            else:
-                keep = torch.ones(1, 1, shared.num_tokens)
-                probe = CurveProbe(unit, "mean", M.TokenScore(model, shared, pair.query, pair.label, box), keep,
-                                   torch.zeros_like(keep), shared.shapes)
-                orders = token_orders
-            curves = probe.curves(orders, curve_counts(probe.size, args.steps, 1.0), batch_size=16)
-            out.update({(unit, key, mode): c for key, by_mode in curves.items() for mode, c in by_mode.items()})
-            forwards += probe.forwards
-        return out, forwards
-
-    times: dict[str, list[float]] = {"one-by-one": [], "batched": []}
-    reference = None
+    per_pair: dict[str, list[float]] = {"unshared": [], "shared": []}
+    forwards: dict[str, float] = {}
+    reference: dict[tuple, float] | None = None
     for _ in range(args.rounds):
-        for name, run in (("one-by-one", one_by_one), ("batched", batched)):
-            start = time.perf_counter()
-            curves, forwards = run()
-            times[name].append(time.perf_counter() - start)
+        for name, reuse in (("unshared", False), ("shared", True)):
+            ctx = ImageContext(settings, model, None, methods, ShapesConfig(image_size=160), warmed_up=True,
+                               reuse_forwards=reuse)
+            parts = [evaluate_image(index, ctx) for index in range(args.images)]
+            pairs = sum(part["n_pairs"] for part in parts)
+            seconds = sum(part["curve_seconds"] for part in parts) / max(pairs, 1)
+            forwards[name] = sum(part["forwards"] for part in parts) / max(pairs, 1)
+            per_pair[name].append(seconds)
+            values = {k: v for part in parts for k, v in _faithfulness(part).items()}
             if reference is None:
-                reference = curves
-            else:  # the tokens' middle count may differ by one token (mirror-symmetric counts): compare pixels
-                for key, c in reference.items():
-                    if key[0] == "pixels":
-                        np.testing.assert_allclose(curves[key], c, rtol=1e-4, atol=1e-5, err_msg=str(key))
-            print(f"{name}: {forwards} forwards, {times[name][-1]:.1f} s", flush=True)
-    for name, values in times.items():
-        print(f"{name}: median {statistics.median(values):.1f} s per round over {len(values)} round(s)")
+                reference = values
+            else:
+                worst = max(abs(values[k] - v) for k, v in reference.items() if v == v)
+                if worst > 1e-6:
+                    raise AssertionError(f"the paths' faithfulness values differ by {worst:.2e}")
+            print(f"{name}: {pairs} pairs, {forwards[name]:.1f} forwards / pair, {seconds:.1f} s / pair "
+                  f"({seconds / forwards[name] * 1000:.1f} ms / forward)", flush=True)
+    a, b = (statistics.median(per_pair[k]) for k in ("unshared", "shared"))
+    print(f"median s / pair: unshared {a:.1f}, shared {b:.1f} (x{a / b:.2f}); forwards / pair "
+          f"{forwards['unshared']:.1f} -> {forwards['shared']:.1f} (x{forwards['unshared'] / forwards['shared']:.3f}); "
+          "faithfulness values agree within 1e-6")
     return 0
 
 

@@ -4,8 +4,12 @@ A :class:`CurveProbe` holds what the curves of one explained detection need in o
 the image and its neutral image; ``tokens``: keep-all and keep-none masks over the encoder tokens)
 and one replacement. :meth:`CurveProbe.curves` takes the removal orders of all methods (and the
 random baseline) at once, lists the perturbed inputs every curve needs, keeps each distinct one once
-(the start and the neutral input are shared by all orders; over the whole range LIF deletion at
-fraction f is insertion at 1 − f of the same order) and scores them in batches of ``batch_size``.
+(an input is identified by the set of elements it replaces: the start and the neutral input are
+shared by all orders; over the whole range LIF deletion at fraction f is insertion at 1 − f of the
+same order; two orders that agree on a step's set, as methods with the same token ranking do, share
+that input) and scores them in batches of ``batch_size``;
+inputs whose scores it is given (``known``: the start and neutral inputs, which every pair of an
+image shares) are not run again.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from .settings import MODES
 
 __all__ = ["CurveProbe", "curve_counts"]
 
-Key = tuple  # ("start",) | ("neutral",) | (order name, "del" | "ins", count)
+Key = tuple  # ("start",) | ("neutral",) | ("replaced", packed bits of the replaced elements)
 
 
 def curve_counts(n: int, steps: int, max_fraction: float) -> np.ndarray:
@@ -47,6 +51,10 @@ class CurveProbe:
     start: torch.Tensor  # (C, h, w): the image, or (1, 1, T) keep-all
     neutral: torch.Tensor  # same shape: the replacement, or keep-none
     shapes: list[tuple[int, int]] | None = None  # token levels, for the token unit
+    # scores already known, e.g. {("start",): …, ("neutral",): …} from forwards the image's pairs share
+    known: Mapping[Key, np.ndarray] = field(default_factory=dict)
+    # False: inputs keyed by (order, kind, count), so orders never share one (the reference path)
+    by_content: bool = True
     forwards: int = field(default=0, init=False)  # inputs scored so far (distinct perturbed inputs)
 
     @property
@@ -54,51 +62,56 @@ class CurveProbe:
         """Number of removable elements (pixels or tokens)."""
         return int(self.start.shape[-2] * self.start.shape[-1])
 
-    def _key(self, name: str, mode: str, count: int) -> Key:
-        n = self.size
-        if mode == "deletion":
-            kind, k = "del", count
-        elif mode == "insertion":
-            kind, k = "ins", count
-        elif mode == "lif":  # the last `count` of the order removed = its first n − count kept
-            kind, k = "ins", n - count
-        else:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if (kind, k) in (("del", 0), ("ins", n)):
-            return ("start",)
-        if (kind, k) in (("del", n), ("ins", 0)):
-            return ("neutral",)
-        return (name, kind, int(k))
+    def _replaced(self, rank: torch.Tensor, mode: str, count: int) -> torch.Tensor:
+        """(n,) bool: the elements that hold the neutral value at ``count`` on a curve of ``mode``."""
+        if mode == "deletion":  # the first `count` of the order removed
+            return rank < count
+        if mode == "insertion":  # the first `count` inserted into the neutral input
+            return rank >= count
+        if mode == "lif":  # the last `count` removed = insertion of the first n − count
+            return rank >= self.size - count
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
-    def _compose(self, key: Key, ranks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if key == ("start",):
-            return self.start
-        if key == ("neutral",):
-            return self.neutral
-        name, kind, k = key
-        chosen = (ranks[name] < k).view(1, *self.start.shape[-2:])
-        first, second = (self.neutral, self.start) if kind == "del" else (self.start, self.neutral)
-        return torch.where(chosen, first, second)
+    def _key(self, replaced: torch.Tensor, name: str, mode: str, count: int) -> Key:
+        """The input's identity is what it replaces: equal inputs of any orders and modes are scored once."""
+        if not bool(replaced.any()):
+            return ("start",)
+        if bool(replaced.all()):
+            return ("neutral",)
+        if not self.by_content:  # LIF at count c is insertion at n − c
+            return (name, "del", count) if mode == "deletion" else \
+                (name, "ins", count if mode == "insertion" else self.size - count)
+        return ("replaced", np.packbits(replaced.numpy()).tobytes())
+
+    def _compose(self, replaced: torch.Tensor) -> torch.Tensor:
+        return torch.where(replaced.view(1, *self.start.shape[-2:]), self.neutral, self.start)
 
     def curves(self, orders: Mapping[str, np.ndarray], counts: np.ndarray, modes: Sequence[str] = MODES,
                batch_size: int = 16) -> dict[str, dict[str, np.ndarray]]:
         """order name → mode → scores (len(counts), S): each order's curves, the inputs scored once each
         (a scorer returning (B,) gives S = 1)."""
         n = self.size
-        ranks = {}
+        plan: dict[tuple[str, str], list[Key]] = {}
+        inputs: dict[Key, torch.Tensor] = {}  # each distinct input's replaced elements
         for name, order in orders.items():
             order = np.ascontiguousarray(order)  # reversed views have negative strides torch cannot take
             if order.size != n:
                 raise ValueError(f"order {name!r} has {order.size} elements, the {self.unit} are {n}")
             rank = torch.empty(n, dtype=torch.long)
             rank[torch.as_tensor(order, dtype=torch.long)] = torch.arange(n)
-            ranks[name] = rank
-        plan = {(name, mode): [self._key(name, mode, int(c)) for c in counts] for name in orders for mode in modes}
-        unique = list(dict.fromkeys(key for keys in plan.values() for key in keys))
-        scores: dict[Key, np.ndarray] = {}
+            for mode in modes:
+                keys = plan[name, mode] = []
+                for c in counts:
+                    replaced = self._replaced(rank, mode, int(c))
+                    key = self._key(replaced, name, mode, int(c))
+                    inputs.setdefault(key, replaced)
+                    keys.append(key)
+        unique = [key for key in inputs if key not in self.known]
+        scores: dict[Key, np.ndarray] = {key: np.asarray(v, dtype=np.float64).reshape(-1)
+                                         for key, v in self.known.items()}
         for begin in range(0, len(unique), batch_size):
             chunk = unique[begin: begin + batch_size]
-            batch = torch.stack([self._compose(key, ranks) for key in chunk])
+            batch = torch.stack([self._compose(inputs[key]) for key in chunk])
             with torch.no_grad():
                 out = np.asarray(self.scorer(batch), dtype=np.float64)
             out = out.reshape(len(chunk), -1)  # (B,) scores as one column

@@ -40,6 +40,7 @@ where the doc leaves room, stated once here:
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import threading
@@ -433,9 +434,18 @@ class DetectorScore:
     def _outputs(self, images: torch.Tensor) -> dict[str, Any]:
         return self.model(self.model.normalize_and_pad(images))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def outputs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's ``pred_logits`` and ``pred_boxes`` on a batch of inputs; they do not depend on the
+        explained pair, so one image's pairs can share them (its clean forward, its neutral inputs)."""
         with torch.no_grad():
-            outputs = self._outputs(images)
+            outputs = self._outputs(inputs)
+        return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.score(self.outputs(images))
+
+    def score(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 2) scores of this pair from outputs of :meth:`outputs` (or of the model itself)."""
         iou = box_iou_cxcywh(outputs["pred_boxes"], self.box.to(outputs["pred_boxes"]))  # (B, Q)
         # prefer the explained query on equal IoU (argmax takes the first maximum)
         iou[:, self.query] += 1e-6
@@ -481,11 +491,20 @@ class TokenScore(DetectorScore):
     by ``neutral`` (T, C), by default the mean token of its level). ``source`` is the image's
     :class:`TokenFeatures` (shared by its pairs: the backbone runs once per image) or the normalised,
     padded input (1, 3, Hp, Wp) itself.
+
+    ``shared`` (default): the head runs on the image's features at batch size 1 and the batch of
+    perturbed token sets is made at the encoder's input, so what comes before the encoder (input
+    projections, position encodings, level embeddings) and the FPN's lateral conv run once per batch,
+    not once per perturbed input. ``shared=False`` runs the head on B copies of the features: the
+    reference it must equal.
     """
 
+    _BATCHED = ("src", "valid_ratios", "pos", "padding_mask")  # the encoder's per-image arguments
+
     def __init__(self, model: torch.nn.Module, source: "TokenFeatures | torch.Tensor", query: int, label: int,
-                 box: torch.Tensor, neutral: torch.Tensor | None = None):
+                 box: torch.Tensor, neutral: torch.Tensor | None = None, shared: bool = True):
         super().__init__(model, query, label, box)
+        self.shared = shared
         shared = source if isinstance(source, TokenFeatures) else TokenFeatures(model, source)
         self.encoder = shared.encoder
         self.padded_size = shared.padded_size
@@ -503,10 +522,20 @@ class TokenScore(DetectorScore):
         def replace(_module, args, kwargs):
             src, _ = encoder_call_inputs(args, kwargs)
             new = torch.where(keep.to(src.device), src, self.neutral.to(src)[None])
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "src": new})
+            if not self.shared:
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "src": new})
+            bound = inspect.signature(self.encoder.forward).bind(*args, **kwargs)
+            for name in self._BATCHED:  # batch 1 → b: the same image under b token perturbations
+                value = bound.arguments.get(name)
+                if isinstance(value, torch.Tensor):
+                    bound.arguments[name] = value.expand(b, *value.shape[1:])
+            bound.arguments["src"] = new
+            return bound.args, bound.kwargs
 
         handle = self.encoder.register_forward_pre_hook(replace, with_kwargs=True)
         try:
+            if self.shared:  # after the encoder the FPN adds the batch-1 lateral conv to b maps (broadcast)
+                return self.model.sem_seg_head(self.features)
             return self.model.sem_seg_head({k: v.expand(b, *v.shape[1:]) for k, v in self.features.items()})
         finally:
             handle.remove()

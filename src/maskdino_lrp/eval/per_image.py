@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,9 @@ class ImageContext:
     shapes_cfg: Any
     warmed_up: bool = False
     n_pairs: int = 0
+    # share forwards between an image's pairs (the clean forward, neutral inputs, the token path's
+    # pre-encoder part); False runs the unshared reference path, which gives the same curves
+    reuse_forwards: bool = True
 
 
 def _gt_at_input(sample: Any, prepared: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -119,34 +122,56 @@ def _attribute_all(ctx: ImageContext, prepared: Any, pairs: list[Pair], part: di
 @dataclass
 class _PerturbationInputs:
     """What every pair of one image perturbs: the pixel image and its neutral images, the shared encoder
-    tokens and their neutral tokens, per replacement."""
+    tokens and their neutral tokens, per replacement; and the forwards every pair shares.
+
+    With ``reuse`` the start of every curve (the image itself, all tokens kept) is scored from the
+    image's clean forward, each (unit, replacement)'s neutral input runs once for all pairs, and
+    orders that replace the same set at a step share that input; without, every pair runs start and
+    neutral again, every order its own inputs, and the tokens go through the head on B copies of the
+    features (the reference path the shared one must equal)."""
 
     image: torch.Tensor
     neutrals: dict[str, torch.Tensor]
     tokens: Any  # M.TokenFeatures or None
     token_neutrals: dict[str, torch.Tensor]
     padded_size: tuple[int, int]
+    clean: dict[str, torch.Tensor]  # the clean forward's pred_logits and pred_boxes
+    reuse: bool = True
+    neutral_outputs: dict[tuple[str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    forwards: int = 0  # forwards run here (the neutral inputs)
 
     @classmethod
-    def build(cls, model: Any, prepared: Any, settings: EvalSettings, index: int) -> "_PerturbationInputs":
+    def build(cls, model: Any, prepared: Any, settings: EvalSettings, index: int, outputs: dict[str, Any],
+              reuse: bool = True) -> "_PerturbationInputs":
         image = _pixel_image(model, prepared)
         neutrals = {r: M.make_replacement(r, settings.blur_sigma, _seed(settings.seed, index, 3))(image)
                     for r in settings.replacements}
         tokens = M.TokenFeatures(model, prepared.tensor) if "tokens" in settings.units else None
         token_neutrals = {r: tokens.neutral(r, settings.blur_sigma, _seed(settings.seed, index, 4))
                           for r in settings.replacements} if tokens is not None else {}
-        return cls(image, neutrals, tokens, token_neutrals, tuple(prepared.tensor.shape[-2:]))
+        clean = {k: outputs[k].detach() for k in ("pred_logits", "pred_boxes")}
+        return cls(image, neutrals, tokens, token_neutrals, tuple(prepared.tensor.shape[-2:]), clean, reuse)
 
     def probe(self, unit: str, replacement: str, model: Any, pair: Pair, box: torch.Tensor,
               pixel_scorer: Any, rng: np.random.Generator) -> tuple[CurveProbe, np.ndarray]:
         """The pair's probe in one unit and replacement, and a random removal order of the same kind."""
         if unit == "pixels":
             probe = CurveProbe(unit, replacement, pixel_scorer, self.image, self.neutrals[replacement])
-            return probe, M.relevance_order(rng.random(self.image.shape[-2:]))
-        scorer = M.TokenScore(model, self.tokens, pair.query, pair.label, box, neutral=self.token_neutrals[replacement])
-        keep = torch.ones(1, 1, self.tokens.num_tokens)
-        probe = CurveProbe(unit, replacement, scorer, keep, torch.zeros_like(keep), self.tokens.shapes)
-        return probe, M.level_balanced_order(rng.random(probe.size), self.tokens.shapes)
+            order = M.relevance_order(rng.random(self.image.shape[-2:]))
+        else:
+            scorer = M.TokenScore(model, self.tokens, pair.query, pair.label, box,
+                                  neutral=self.token_neutrals[replacement], shared=self.reuse)
+            keep = torch.ones(1, 1, self.tokens.num_tokens)
+            probe = CurveProbe(unit, replacement, scorer, keep, torch.zeros_like(keep), self.tokens.shapes)
+            order = M.level_balanced_order(rng.random(probe.size), self.tokens.shapes)
+        probe.by_content = self.reuse
+        if self.reuse:
+            if (unit, replacement) not in self.neutral_outputs:
+                self.neutral_outputs[unit, replacement] = probe.scorer.outputs(probe.neutral[None])
+                self.forwards += 1
+            probe.known = {("start",): probe.scorer.score(self.clean).numpy()[0],
+                           ("neutral",): probe.scorer.score(self.neutral_outputs[unit, replacement]).numpy()[0]}
+        return probe, order
 
 
 def _pair_curves(k: int, pair: Pair, box: torch.Tensor, attributions: dict[str, tuple], inputs: _PerturbationInputs,
@@ -161,6 +186,7 @@ def _pair_curves(k: int, pair: Pair, box: torch.Tensor, attributions: dict[str, 
         for replacement in settings.replacements:
             # the same random order under every replacement, so their baselines differ only by the replacement
             rng = np.random.default_rng([settings.seed, part["image"], k, 1 + u])
+            forwards = inputs.forwards
             probe, random_order = inputs.probe(unit, replacement, ctx.model, pair, box, pixel_scorer, rng)
             orders = {RANDOM_ORDER: random_order}
             for name, (attribution, _, _) in attributions.items():
@@ -168,7 +194,7 @@ def _pair_curves(k: int, pair: Pair, box: torch.Tensor, attributions: dict[str, 
                 orders[name] = probe.order(attribution.maps[k], tokens, settings.seed, inputs.padded_size)
             counts = curve_counts(probe.size, settings.steps, settings.max_fraction)
             curves = probe.curves(orders, counts, MODES, settings.batch_size)
-            part["forwards"] += probe.forwards
+            part["forwards"] += probe.forwards + inputs.forwards - forwards
             baseline = {mode: M.area_under_curve(curves[RANDOM_ORDER][mode][:, 0], fractions) for mode in MODES}
             for name, by_mode in curves.items():
                 for mode, scores in by_mode.items():
@@ -209,7 +235,7 @@ def evaluate_image(index: int, ctx: ImageContext) -> dict[str, Any]:
     part["method_seconds"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    inputs = _PerturbationInputs.build(model, prepared, settings, index)
+    inputs = _PerturbationInputs.build(model, prepared, settings, index, outputs, ctx.reuse_forwards)
     rows = []
     for k, pair in enumerate(pairs):
         pair_rows = {}

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..model.checkpoint import shipped_weights
 from . import metrics as M
 from .matching import Pair, match_detections
 from .methods import DEFAULT_METHODS, MethodError, available_methods, captum_available, get_method
@@ -51,13 +52,6 @@ log = logging.getLogger(__name__)
 __all__ = ["EvalSettings", "Pair", "match_detections", "evaluate", "main", "METRICS", "paired_comparison"]
 
 _evaluate_image = evaluate_image  # the per-image step, looked up at call time (tests count its calls)
-
-
-def _resolve_checkpoint(config: str, checkpoint: str | None) -> str | None:
-    if checkpoint is not None or config != "demo":
-        return checkpoint
-    shipped = Path(__file__).resolve().parents[1] / "weights" / "demo.safetensors"
-    return str(shipped) if shipped.is_file() else None
 
 
 def _random_model(settings: EvalSettings) -> Any:
@@ -137,7 +131,8 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
     notes: list[str] = [f"`{m}` skipped: {why}" for m, why in skipped.items()]
 
     if model is None:
-        settings.checkpoint = _resolve_checkpoint(settings.config, settings.checkpoint)
+        if settings.checkpoint is None and shipped_weights(settings.config) is not None:
+            settings.checkpoint = str(shipped_weights(settings.config))  # a preset that ships weights uses them
         if settings.checkpoint is None:
             notes.append("no checkpoint: the model has **random weights**; the numbers say nothing about a trained model")
         if not aggregate_only:  # before the parts folder is stamped: a bad config or checkpoint leaves nothing behind
