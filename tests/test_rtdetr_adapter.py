@@ -129,6 +129,19 @@ def test_the_detached_query_content_must_be_connected(image):
     assert (lost > 0.1).all(), lost
 
 
+def test_queries_that_are_not_the_selected_tokens_are_refused(image):
+    """connect reconnects only what the model detached: decoder queries that differ from the top-k tokens'
+    content (here shifted by a hook, as learned or denoising queries would be) are an error, not silently replaced."""
+    model = tiny_rtdetr("v1")
+    handle = model.model.decoder.register_forward_pre_hook(
+        lambda _m, args, kwargs: (args, {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] + 1.0}), with_kwargs=True)
+    try:
+        with pytest.raises(EngineError, match="not the top-k memory tokens' content"):
+            LRP(model).explain(image, queries=[0])
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("version,batch_mode", [("v1", "vmap"), ("v1", "loop"), ("v2", "loop")])
 def test_gradient_composite_is_autograd_gradient_times_input(image, version, batch_mode):
     """Against autograd through the model's own modules, with the query content connected as the adapter does.

@@ -51,17 +51,14 @@ class RTDetrAdapter(HFDetectionAdapter):
         """The decoder starts from the top-k memory tokens' content, which the model detaches: feed it the same
         tokens gathered again, connected (the selection itself, a top-k, carries no relevance)."""
         inner, seen = model.model, {}
-        if model.config.learn_initial_query:  # the content is a learned embedding: nothing is detached
-            yield
-            return
 
         def on_decoder(_m, args, kwargs):
             index = seen["scores"].max(-1).values.topk(model.config.num_queries, dim=1).indices  # the model's top-k
             memory = seen["memory"]
             content = memory.gather(1, index[..., None].expand(-1, -1, memory.shape[-1]))
             if not torch.equal(content, kwargs["inputs_embeds"]):
-                raise EngineError("RT-DETR's decoder queries are not the top-k encoder tokens this adapter expects "
-                                  "(denoising queries? call model.eval())")
+                raise EngineError("RT-DETR's decoder queries are not the top-k memory tokens' content this adapter "
+                                  "reconnects (learn_initial_query, or denoising queries: call model.eval())")
             return args, {**kwargs, "inputs_embeds": content}
 
         handles = [inner.enc_output.register_forward_hook(lambda _m, _a, out: seen.update(memory=out)),
