@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Explain the detections of every image (files, or folders searched recursively) "
                        "and write CSVs, arrays, overlays and report.html.", epilog=_EPILOG_EXPLAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders of images")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders of images, a COCO annotation "
+                   ".json (its images, ids kept) or a .txt list of image paths")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--config", metavar="CFG",
                        help="preset name (tiny, maskdino_r50_3s_coco, …) or an official MaskDINO YAML")
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which queries: topk:N (best N detections), thr:0.5 (score threshold), 3,7 (query indices) "
                    "or all (default: %(default)s)")
     p.add_argument("--target", default="class", metavar="NAME",
-                   help=f"what to explain: {', '.join(TARGETS)} (default: %(default)s)")
+                   help=f"what to explain: {', '.join(TARGETS)}; refine:<coord>:<stage> is one stage's refinement "
+                   "of a box coordinate (stages: proposal, 0 … last decoder layer) (default: %(default)s)")
     p.add_argument("--stops", default=",".join(DEFAULT_STOPS), metavar="LIST",
                    help=f"where to keep relevance, comma-separated from: {', '.join(STOPS)} (default: %(default)s)")
     p.add_argument("--composite", default="default", metavar="NAME",
@@ -132,11 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lower the chunk size so that the memory estimate fits this budget")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype (default: %(default)s)")
     p.add_argument("--keep-channels", action="store_true", help="also keep per-channel token relevance (in the .npz)")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute backbone blocks and encoder layers in the backward instead of keeping their forward "
+                   "graph: the same relevance in much less memory, one more forward of them per target")
     p.add_argument("--formats", default=",".join(FORMATS), metavar="LIST",
                    help=f"outputs besides the metadata JSON: {', '.join(FORMATS)} or all (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="torch seed for random-weight models (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--image-root", metavar="DIR", help="where a COCO annotation file's images are (default: beside "
+                   "it, or ../val2017 for annotations/instances_val2017.json)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="explain on N Ray workers (Ray started on this machine, or joined with --ray-address / "
+                   "RAY_ADDRESS); needs pip install maskdino-lrp[ray]")
+    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); "
+                   "workers default to its CPUs (its GPUs with --device cuda); the output folder and the images "
+                   "must be at the same path on every node", default=None)
 
     p = sub.add_parser("validate", parents=[common], help="check written explanations (a run folder or one CSV)",
                        description="Check an output folder or a single file: token CSVs sum to 1, no NaN/Inf, "
@@ -164,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stops", default=",".join(DEFAULT_STOPS), metavar="LIST", help="stops (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--keep-channels", action="store_true")
+    p.add_argument("--recompute", action="store_true", help="estimate explain --recompute")
     p.add_argument("--gflops", type=_positive_float, metavar="N",
                    help="this machine's matmul throughput in GFLOP/s (default: measured by a 0.1 s probe)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads for the probe")
@@ -201,7 +215,7 @@ def _cmd_explain(args) -> int:
     if bad or not formats:
         raise CliError(f"unknown output format {(bad or [''])[0]!r}; choose from {', '.join(FORMATS)} or all")
     options = LRPOptions(chunk_size=args.chunk_size, stops=args.stops, keep_channels=args.keep_channels,
-                         dtype=args.dtype, memory_budget_gb=args.memory_budget)
+                         dtype=args.dtype, memory_budget_gb=args.memory_budget, recompute=args.recompute)
     if args.hf is not None:
         return _explain_hf(args, options, formats)
     check_instance_task(load_config(args.config), warn=False, source=args.config)  # before any work
@@ -211,7 +225,7 @@ def _cmd_explain(args) -> int:
     if checkpoint is None and shipped_weights(args.config) is not None:
         checkpoint = str(shipped_weights(args.config))  # a preset that ships weights uses them
         log.info("using the weights shipped with preset %s: %s", args.config, checkpoint)
-    check_inputs(args.images)
+    check_inputs(args.images, args.image_root)
     check_output_folder(args.out)
     if args.threads:
         import torch
@@ -222,13 +236,25 @@ def _cmd_explain(args) -> int:
                             seed=args.seed, progress=not args.no_progress, strict=not args.partial_load)
     runner.load_manifest()  # a folder with other settings is an input error, before the model is built
     runner.check_lock()  # a folder another run is writing: refused before the model is built
-    _ = runner.model  # built before any image: an unfit checkpoint is one error, random weights one warning
+    if not _distributed(args):  # distributed: each worker builds it, and the first to fail says why
+        _ = runner.model  # built before any image: an unfit checkpoint is one error, random weights one warning
     return _run(runner, args)
 
 
+def _distributed(args) -> bool:
+    """Whether the run goes to Ray (--workers / --ray-address); without them Ray is never imported."""
+    return bool(getattr(args, "workers", None) or getattr(args, "ray_address", None))
+
+
 def _run(runner, args) -> int:
-    """Run the explainer over the images; the one-line report and the exit code."""
-    counts = runner.run_all(args.images)
+    """Run the explainer over the images (here, or on Ray workers); the one-line report and the exit code."""
+    if _distributed(args):
+        from .analysis.distributed import explain_on_ray
+
+        counts = explain_on_ray(runner, args.images, workers=args.workers, address=args.ray_address,
+                                image_root=args.image_root, threads=args.threads)
+    else:
+        counts = runner.run_all(args.images, image_root=args.image_root)
     print(f"{counts['done']} image(s) explained ({counts['queries']} queries), {counts['skipped']} already done, "
           f"{counts['failed']} failed; report: {os.path.join(args.out, 'report.html')}")
     if counts["failed"]:
@@ -324,7 +350,7 @@ def _explain_hf(args, options, formats: list[str]) -> int:
             raise CliError(f"{flag} does not apply to --hf models")
     _check_hf_folder(args.hf)  # a bad folder, an unknown model type or no transformers fails before the output
     _import_auto_model(HF_AUTO_CLASSES[_hf_model_type(args.hf)])  # folder is made
-    check_inputs(args.images)
+    check_inputs(args.images, args.image_root)
     check_output_folder(args.out)
     if args.threads:
         import torch
@@ -335,7 +361,8 @@ def _explain_hf(args, options, formats: list[str]) -> int:
                             progress=not args.no_progress, model_name=f"hf:{args.hf}")
     runner.load_manifest()  # other settings or a busy folder: refused before the model is loaded
     runner.check_lock()
-    _ = runner.model  # loaded before any image: a bad folder is one error, not one failure per image
+    if not _distributed(args):
+        _ = runner.model  # loaded before any image: a bad folder is one error, not one failure per image
     return _run(runner, args)
 
 
@@ -365,7 +392,7 @@ def _cmd_estimate(args) -> int:
         torch.set_num_threads(args.threads)
     est = estimate(args.config, args.image_size, args.queries, memory_budget_gb=args.memory_budget,
                    chunk_size=args.chunk_size, stops=args.stops, dtype=args.dtype, keep_channels=args.keep_channels,
-                   gflops=args.gflops)
+                   gflops=args.gflops, recompute=args.recompute)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
@@ -429,6 +456,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .analysis.estimate import EstimateError
     from .analysis.export import ExportError
     from .analysis.runner import RunError
+    from .distributed import DistributedError
     from .lrp.composites import RuleError
     from .lrp.engine import EngineError
     from .lrp.targets import TargetError
@@ -437,7 +465,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .model.maskdino import ImageError
 
     return (CliError, ConfigError, ImageError, CheckpointError, TargetError, RuleError, EngineError, RunError,
-            ExportError, EstimateError, FileNotFoundError)
+            ExportError, EstimateError, DistributedError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

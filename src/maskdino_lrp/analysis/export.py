@@ -228,6 +228,16 @@ def layer_rows(expl, k: int) -> list[dict]:
     return rows
 
 
+def level_shares(expl, tokens: Mapping[str, torch.Tensor], k: int) -> dict[str, dict[str, float]]:
+    """Per token stop, the share of row ``k``'s relevance on each encoder level (the CSV's normalised
+    ``relevance`` summed over the level's tokens; the shares sum to 1)."""
+    out = {}
+    for stop, values in tokens.items():
+        norm, _ = normalise(values[k].detach().cpu().numpy())
+        out[stop] = {lv.name: float(norm[lv.start:lv.start + lv.size].sum()) for lv in expl.levels}
+    return out
+
+
 def layers_csv_text(expl, k: int) -> str:
     cols = ("stop", "kind", "elements", "sum", "positive", "negative", "abs_sum", "fraction_of_target")
     lines = [",".join(cols)]
@@ -283,8 +293,16 @@ def _levels(expl) -> list[dict]:
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The ``.npz`` (what ``np.savez`` writes) with fixed member dates: the same arrays give the same bytes,
+    whenever and wherever they are written (np.savez stamps each member with the current time)."""
+    import zipfile
+
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, value in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
     return buf.getvalue()
 
 
@@ -374,7 +392,10 @@ def save_explanation(expl, out_dir: str | os.PathLike, image_name: str | None = 
             "mask_area": mask.area if mask is not None else None,
             "mask_rle": mask.to_coco() if mask is not None else None,
             "target_value": float(expl.target_values[k]), "conservation": conservation,
-            "token_sums": token_sums, "dtype": str(next(iter(expl.relevance.values())).dtype).replace("torch.", ""),
+            "token_sums": token_sums, "level_shares": level_shares(expl, tokens, k),
+            "layer_fractions": {r["stop"]: r["fraction_of_target"] for r in layer_rows(expl, k)
+                                if r["kind"] != "target"},
+            "dtype": str(next(iter(expl.relevance.values())).dtype).replace("torch.", ""),
             "files": qfiles, "meta": {k2: v for k2, v in expl.meta.items() if k2 not in ("image_name", "source")},
             "format_version": FORMAT_VERSION,
         }
@@ -382,7 +403,7 @@ def save_explanation(expl, out_dir: str | os.PathLike, image_name: str | None = 
         for v in qfiles.values():
             files.extend(v.values() if isinstance(v, dict) else [v])
         queries.append({key: meta[key] for key in ("row", "query", "label", "class", "class_score", "score", "box",
-                                                   "mask_area", "target_value")}
+                                                   "mask_area", "target_value", "level_shares", "layer_fractions")}
                        | {"conservation": {cut: c["relative_error"] for cut, c in conservation.items()},
                           "files": qfiles})
     from .. import __version__

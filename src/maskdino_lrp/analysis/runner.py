@@ -62,7 +62,9 @@ class LRPOptions:
     - ``stops``: where relevance is kept (see :data:`maskdino_lrp.lrp.STOPS`);
     - ``keep_channels``: also keep per-channel relevance of token / query stops (large);
     - ``dtype``: ``float32`` or ``float64`` (the model is converted; twice the memory);
-    - ``memory_budget_gb``: cap the chunk size so that the estimate (:mod:`.estimate`) fits.
+    - ``memory_budget_gb``: cap the chunk size so that the estimate (:mod:`.estimate`) fits;
+    - ``recompute``: recompute the adapter's segments in the backward instead of keeping their forward graph
+      (same relevance, less memory, one more forward of them per target; :mod:`maskdino_lrp.lrp.recompute`).
     """
 
     chunk_size: int | None = 16
@@ -70,6 +72,7 @@ class LRPOptions:
     keep_channels: bool = False
     dtype: str = "float32"
     memory_budget_gb: float | None = None
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         from ..lrp.explainer import STOPS
@@ -211,23 +214,32 @@ def output_name(key: str, hashed: bool = False) -> str:
 @dataclass(frozen=True)
 class Source:
     """One input image: ``key`` (the manifest's key: path below its input folder, or the file's name),
-    ``path`` (as found) and ``name`` (its default output folder, :func:`output_name`)."""
+    ``path`` (as found), ``name`` (its default output folder, :func:`output_name`) and ``image_id`` (its id
+    in a COCO annotation file it was listed in, kept in its summary and manifest record)."""
 
     key: str
     path: Path
+    image_id: int | str | None = None
 
     @property
     def name(self) -> str:
         return output_name(self.key)
 
 
-def iter_sources(inputs: Iterable[str | os.PathLike], skipped: list[Path] | None = None) -> Iterator[Source]:
-    """Every image of ``inputs``: files as given, folders walked recursively (sorted), as :class:`Source`."""
+def iter_sources(inputs: Iterable[str | os.PathLike], skipped: list[Path] | None = None,
+                 image_root: str | os.PathLike | None = None) -> Iterator[Source]:
+    """Every image of ``inputs``: files as given, folders walked recursively (sorted), the images a COCO
+    annotation file or a text file of paths lists (see :mod:`.datasets`; ``image_root``: where a COCO
+    file's images are), as :class:`Source`."""
+    from .datasets import is_list_file, list_file_sources
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             for p in _walk(path, skipped):
                 yield Source(p.relative_to(path).as_posix(), p)
+        elif is_list_file(path):
+            yield from list_file_sources(path, image_root)
         else:
             yield Source(path.name, path)
 
@@ -247,7 +259,8 @@ def count_images(inputs: Iterable[str | os.PathLike]) -> int:
     return sum(1 for _ in iter_images(inputs))
 
 
-def collect_sources(inputs: Sequence[str | os.PathLike]) -> tuple[list[Source], list[Path]]:
+def collect_sources(inputs: Sequence[str | os.PathLike],
+                    image_root: str | os.PathLike | None = None) -> tuple[list[Source], list[Path]]:
     """Every distinct image of ``inputs`` and the files skipped as not images.
 
     The same file reached twice (given twice, or given and inside a given folder) counts once. Two
@@ -258,7 +271,7 @@ def collect_sources(inputs: Sequence[str | os.PathLike]) -> tuple[list[Source], 
     sources: list[Source] = []
     seen_paths: set[str] = set()
     by_key: dict[str, Path] = {}
-    for source in iter_sources(inputs, skipped):
+    for source in iter_sources(inputs, skipped, image_root):
         real = os.path.realpath(source.path)
         if real in seen_paths:
             log.debug("%s is given more than once: explained once", source.path)
@@ -298,9 +311,12 @@ def file_fingerprint(path: Path, digest: bool = True) -> dict:
     return out
 
 
-def check_inputs(inputs: Sequence[str | os.PathLike]) -> None:
-    """Raise RunError for a missing path, an unreadable file given by name, or a folder without images."""
+def check_inputs(inputs: Sequence[str | os.PathLike], image_root: str | os.PathLike | None = None) -> None:
+    """Raise RunError for a missing path, an unreadable file given by name, a folder without images, or a
+    COCO annotation / path list file that cannot be read or names missing images."""
     from PIL import Image, UnidentifiedImageError
+
+    from .datasets import check_list_file, is_list_file
 
     if not inputs:
         raise RunError("no images given")
@@ -314,6 +330,9 @@ def check_inputs(inputs: Sequence[str | os.PathLike]) -> None:
                 raise RunError(f"no images found in folder {path} (looked for the formats PIL opens: "
                                f"{' '.join(e for e in IMAGE_EXTENSIONS + ('.gif',) if e in exts)} and "
                                f"{len(exts) - len(IMAGE_EXTENSIONS) - 1} more)")
+            continue
+        if is_list_file(path):
+            check_list_file(path, image_root)
             continue
         try:
             with Image.open(path) as im:
@@ -675,7 +694,7 @@ class BatchExplainer:
             from ..lrp.explainer import LRP
 
             self._lrp = LRP(self.model, composite=self.composite, chunk_size=self.options.chunk_size,
-                            keep_channels=self.options.keep_channels)
+                            keep_channels=self.options.keep_channels, recompute=self.options.recompute)
         return self._lrp
 
     def _chunk_for(self, image_size: tuple[int, int], k: int) -> int | None:
@@ -688,7 +707,8 @@ class BatchExplainer:
             self._parameters = sum(p.numel() for p in self.model.parameters()) + sum(b.numel() for b in self.model.buffers())
         est = estimate(self.model.cfg, image_size, k, memory_budget_gb=self.options.memory_budget_gb,
                        stops=self.options.stops, dtype=self.options.dtype, keep_channels=self.options.keep_channels,
-                       gflops=1.0, parameters=self._parameters, formats=self.formats)
+                       gflops=1.0, parameters=self._parameters, formats=self.formats,
+                       recompute=self.options.recompute)
         if not est.fits:
             from .estimate import HEADROOM
 
@@ -714,13 +734,15 @@ class BatchExplainer:
         chunk = self.lrp.chunk_size or k
         return -(-k // max(1, int(chunk)))
 
-    def explain_image(self, name: str, path: Path, key: str | None = None) -> ImageResult:
+    def explain_image(self, name: str, path: Path, key: str | None = None,
+                      image_id: int | str | None = None) -> ImageResult:
         """Explain one image and write its folder; raises on a bad image (the caller records it)."""
         from ..lrp.targets import get_target, parse_queries, select_queries
 
         start = time.perf_counter()
         progress = _ImageProgress(name, self.progress)
-        extra = {**self._weights_info(), **({"source_key": key} if key is not None else {})}
+        extra = {**self._weights_info(), **({"source_key": key} if key is not None else {}),
+                 **({"image_id": image_id} if image_id is not None else {})}
         try:
             progress.forward()
             session = self.lrp.prepare(path)
@@ -816,12 +838,19 @@ class BatchExplainer:
         manifest["images"][source.key] = record
         return record
 
-    def run(self, inputs: Sequence[str | os.PathLike]) -> Iterator[ImageResult]:
-        """Explain every image of ``inputs`` (files / folders), yielding one result per image.
+    def run(self, inputs: Sequence[str | os.PathLike], *, image_root: str | os.PathLike | None = None,
+            execute: Callable[[dict, Sequence[Source]], Iterator[ImageResult]] | None = None
+            ) -> Iterator[ImageResult]:
+        """Explain every image of ``inputs`` (files / folders / COCO annotation or path list files), yielding
+        one result per image.
 
         The output folder is locked for the run (:class:`RunLock`: a second run into it refuses). Images
         are keyed by source (:func:`output_name`); one whose record is done, whose folder is complete and
         whose file is unchanged (size and time, else SHA-1) is skipped; a changed one is explained again.
+        ``execute(manifest, sources)`` explains the sources (default: one after the other in this process;
+        :mod:`.distributed` hands them to Ray workers through the same :meth:`plan_image`,
+        :meth:`attempt_image` and :meth:`record_image` steps). The run ends with ``report.html`` and the
+        data-set summary (:mod:`.summary`) when ``report`` is on.
         """
         out = check_output_folder(self.out_dir)
         lock = RunLock(out).acquire()  # before anything is read or written: a busy folder is refused as it is
@@ -830,14 +859,14 @@ class BatchExplainer:
                 self._warn(f"took over the lock of a run that is gone ({lock.describe(lock.taken_over)}); "
                            "its unfinished image is redone")
             manifest = self.load_manifest()
-            sources, skipped = collect_sources(inputs)
+            sources, skipped = collect_sources(inputs, image_root)
             report_skipped(skipped)
             for folder in [out, *(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))]:
                 remove_stale_temp_files(folder)
             manifest["total"] = len(sources)
             manifest["finished"] = False
             self._save_manifest(manifest)
-            yield from self._run_sources(manifest, sources)
+            yield from (execute or self._run_sources)(manifest, sources)
             manifest["finished"] = True
             legacy = manifest.get("legacy")
             if legacy:
@@ -848,77 +877,116 @@ class BatchExplainer:
             try:
                 if self.report and out.is_dir():
                     from .render import write_report
+                    from .summary import write_dataset_summary
 
                     try:
                         write_report(out)
+                        write_dataset_summary(out)
                     except OSError as exc:
                         self._warn(f"cannot write the report: {exc}")
             finally:
                 lock.release()
 
     def _run_sources(self, manifest: dict, sources: Sequence[Source]) -> Iterator[ImageResult]:
-        out = self.out_dir
-        images = manifest["images"]
-        taken: dict[str, str | None] = {rec["output"]: key for key, rec in images.items() if rec.get("output")}
-        taken.update({str(rec.get("output")): None for rec in manifest.get("legacy", {}).values()})
+        """The single-process run: each source planned, explained and recorded in turn."""
+        taken = self.taken_names(manifest)
         bar = _progress(len(sources), self.progress)
         done_queries = 0
         try:
             for source in sources:
-                key, path = source.key, source.path
-                record = images.get(key) or self._take_over_legacy(manifest, source)
-                name = None
-                if record and record.get("status") == "done" and record.get("output"):
-                    name = record["output"]
-                    if (out / name / SUMMARY).is_file() and self._unchanged(record, path):
-                        bar.update(1)
-                        yield ImageResult(name, str(path), "skipped", record.get("queries", []), key=key)
-                        continue
-                    if (out / name / SUMMARY).is_file():
-                        bar_write(bar, lambda: self._warn(f"{path} changed since it was explained: explaining it again"))
-                if name is None:
-                    name = self._name_for(source, taken)
-                folder = out / name
-                if folder.is_dir() and folder.resolve().parent == out.resolve():
-                    shutil.rmtree(folder)  # an interrupted attempt, or the output of an earlier version of the file
-                try:
-                    fingerprint = file_fingerprint(path)
-                except OSError:
-                    fingerprint = {}
-                try:
-                    result = self.explain_image(name, path, key=key)
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except MemoryError:
-                    result = ImageResult(name, str(path), "failed", error="out of memory; lower --chunk-size "
-                                         "or set --memory-budget", key=key)
-                except Exception as exc:  # a bad image never ends the run
-                    log.debug("image %s failed", path, exc_info=True)
-                    message = " ".join(str(exc).split()) or type(exc).__name__
-                    result = ImageResult(name, str(path), "failed", error=f"{type(exc).__name__}: {message}", key=key)
-                if result.status == "failed":
-                    if folder.is_dir():
-                        shutil.rmtree(folder, ignore_errors=True)
-                    images[key] = {"status": "failed", "source": str(path), "error": result.error}
-                    if taken.get(name) == key:
-                        del taken[name]
-                    bar_write(bar, lambda: self._warn(f"skipped {path}: {result.error}"))
-                else:
-                    images[key] = {"status": "done", "source": str(path), "output": name,
-                                   "queries": result.queries, "seconds": round(result.seconds, 3), **fingerprint}
-                    taken[name] = key
-                    done_queries += len(result.queries)
-                self._save_manifest(manifest)
+                planned = self.plan_image(manifest, source, taken, bar)
+                if isinstance(planned, ImageResult):
+                    bar.update(1)
+                    yield planned
+                    continue
+                name, fingerprint = planned
+                result = self.attempt_image(source, name)
+                self.record_image(manifest, source, result, fingerprint, taken, bar)
+                done_queries += len(result.queries) if result.status == "done" else 0
                 bar.set_postfix(queries=done_queries, refresh=False)
                 bar.update(1)
                 yield result
         finally:
             bar.close()
 
-    def run_all(self, inputs: Sequence[str | os.PathLike]) -> dict:
-        """Run to the end; returns counts ``{"done", "skipped", "failed", "queries"}`` and the failures."""
+    @staticmethod
+    def taken_names(manifest: dict) -> dict[str, str | None]:
+        """Output folder name → the source key that owns it (None: a version-1 record not yet taken over)."""
+        taken: dict[str, str | None] = {rec["output"]: key for key, rec in manifest["images"].items()
+                                        if rec.get("output")}
+        taken.update({str(rec.get("output")): None for rec in manifest.get("legacy", {}).values()})
+        return taken
+
+    def plan_image(self, manifest: dict, source: Source, taken: dict[str, str | None],
+                   bar: Any = None) -> ImageResult | tuple[str, dict]:
+        """The ``skipped`` result of an image an earlier run finished (folder complete, file unchanged), or
+        the (output name, file fingerprint) it is to be explained into: the name is reserved in ``taken``
+        and what an interrupted attempt left in that folder is removed."""
+        out = self.out_dir
+        key, path = source.key, source.path
+        record = manifest["images"].get(key) or self._take_over_legacy(manifest, source)
+        name = None
+        if record and record.get("status") == "done" and record.get("output"):
+            name = record["output"]
+            if (out / name / SUMMARY).is_file() and self._unchanged(record, path):
+                return ImageResult(name, str(path), "skipped", record.get("queries", []), key=key)
+            if (out / name / SUMMARY).is_file():
+                bar_write(bar, lambda: self._warn(f"{path} changed since it was explained: explaining it again"))
+        if name is None:
+            name = self._name_for(source, taken)
+        taken[name] = key
+        folder = out / name
+        if folder.is_dir() and folder.resolve().parent == out.resolve():
+            shutil.rmtree(folder)  # an interrupted attempt, or the output of an earlier version of the file
+        try:
+            fingerprint = file_fingerprint(path)
+        except OSError:
+            fingerprint = {}
+        return name, fingerprint
+
+    def attempt_image(self, source: Source, name: str) -> ImageResult:
+        """Explain one image into ``out_dir/name``: a ``done`` result, or ``failed`` with a one-line error
+        (a bad image never ends the run). The one per-image step of every runner, local or distributed."""
+        path, key = source.path, source.key
+        try:
+            if source.image_id is None:
+                return self.explain_image(name, path, key=key)
+            return self.explain_image(name, path, key=key, image_id=source.image_id)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except MemoryError:
+            return ImageResult(name, str(path), "failed", error="out of memory; lower --chunk-size or set "
+                               "--memory-budget", key=key)
+        except Exception as exc:
+            log.debug("image %s failed", path, exc_info=True)
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            return ImageResult(name, str(path), "failed", error=f"{type(exc).__name__}: {message}", key=key)
+
+    def record_image(self, manifest: dict, source: Source, result: ImageResult, fingerprint: Mapping[str, Any],
+                     taken: dict[str, str | None], bar: Any = None) -> None:
+        """Book ``result`` in the manifest and save it (atomically); a failed image's folder is removed and
+        its name released."""
+        key, path, name = source.key, source.path, result.name
+        ident = {} if source.image_id is None else {"image_id": source.image_id}
+        if result.status == "failed":
+            folder = self.out_dir / name
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+            manifest["images"][key] = {"status": "failed", "source": str(path), "error": result.error, **ident}
+            if taken.get(name) == key:
+                del taken[name]
+            bar_write(bar, lambda: self._warn(f"skipped {path}: {result.error}"))
+        else:
+            manifest["images"][key] = {"status": "done", "source": str(path), "output": name, **ident,
+                                       "queries": result.queries, "seconds": round(result.seconds, 3), **fingerprint}
+            taken[name] = key
+        self._save_manifest(manifest)
+
+    def run_all(self, inputs: Sequence[str | os.PathLike], **run_options: Any) -> dict:
+        """Run to the end (``run_options``: see :meth:`run`); returns counts ``{"done", "skipped", "failed",
+        "queries"}`` and the failures."""
         counts = {"done": 0, "skipped": 0, "failed": 0, "queries": 0, "failures": []}
-        for result in self.run(inputs):
+        for result in self.run(inputs, **run_options):
             counts[result.status] += 1
             counts["queries"] += len(result.queries) if result.status == "done" else 0
             if result.status == "failed":
@@ -1017,6 +1085,9 @@ def _progress(total: int, enabled: bool):
 
 def bar_write(bar, fn: Callable[[], None]) -> None:
     """Print around a live progress bar without breaking it."""
+    if bar is None:
+        fn()
+        return
     try:
         from tqdm import tqdm
 

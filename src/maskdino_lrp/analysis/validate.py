@@ -641,8 +641,12 @@ def check_run_folder(result: ValidationResult, folder: Path, tolerance: float, m
         result.add("manifest present", folder / MANIFEST, None, False,
                    f"no {MANIFEST}, but {len(runner_written)} image folder(s) written by a run (e.g. "
                    f"{runner_written[0]}): the run's record is gone; rerun the command into a new folder")
+    from .summary import CLASSES, EXPLANATIONS
+
     for name in sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         f = folder / name
+        if name in (EXPLANATIONS, CLASSES):  # the data-set summary: tables over the images, not token CSVs
+            continue
         if name.endswith(".csv"):
             check_csv(result, f, tolerance)
         elif name.endswith("_meta.json"):
