@@ -44,21 +44,19 @@ def _assert_identical(kept, recomputed):
             assert torch.equal(value, recomputed.conservation[cut][name]), (cut, name)
 
 
-@pytest.mark.parametrize("target", ["class", "mask"])
-def test_tiny_identical_float64(image, target):
+@pytest.mark.parametrize("target, stops", [("class", STOP_SETS[0]), ("class", STOP_SETS[2]), ("mask", STOP_SETS[1])])
+def test_tiny_identical_float64(image, target, stops):
     model = tiny()
-    for stops in STOP_SETS:
-        _assert_identical(*_both(model, image, target, stops))
+    _assert_identical(*_both(model, image, target, stops))
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-@pytest.mark.parametrize("target", ["class", "mask"])
-def test_swin_identical_float64(image, target):
+@pytest.mark.parametrize("target, stops, composite", [("class", ALL_ENCODER, "default"),
+                                                      ("class", STOP_SETS[2], "conservative"),
+                                                      ("mask", ALL_ENCODER, "conservative")])
+def test_swin_identical_float64(image, target, stops, composite):
     """Window attention books its bias and shift mask inside each recomputed block: same ledger, same relevance."""
-    model = swin()
-    for composite in ("default", "conservative"):
-        _assert_identical(*_both(model, image, target, ALL_ENCODER, composite))
-    _assert_identical(*_both(model, image, target, STOP_SETS[2]))
+    _assert_identical(*_both(swin(), image, target, stops, composite))
 
 
 def test_float32_within_1e5_and_vmap(image):
