@@ -109,6 +109,8 @@ def _rtdetr(version: str) -> Callable[[], torch.nn.Module]:
                     m.weight.normal_(0.0, m.weight[0].numel() ** -0.5)
                 elif isinstance(m, torch.nn.BatchNorm2d):
                     m.weight.uniform_(0.5, 1.5)
+        # the image's own size (RT-DETR's processor would resize to 640x640), pixels in [0, 1]
+        model.lrp_preprocess = {"rescale_factor": 1 / 255, "image_mean": (0.0,) * 3, "image_std": (1.0,) * 3}
         return model.eval()
 
     return build

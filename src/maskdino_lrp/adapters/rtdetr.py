@@ -5,8 +5,9 @@ frozen batch norm), ``encoder_input_proj`` (conv + batch norm) per level, a hybr
 transformer layer on the top level with a sine position embedding, then FPN/PAN fusion of conv + batch norm +
 SiLU layers), ``decoder_input_proj`` (conv + batch norm) giving the memory tokens, and a deformable decoder
 whose queries start from the top-k memory tokens: their content (``enc_output`` of the tokens) is detached
-by the model and reconnected here, their boxes stay positional. Scores are sigmoids. v2 places the decoder's
-samples with per-point scales and an ``offset_scale``; its discrete (rounded) sampling is refused.
+by the model and reconnected here, their boxes stay positional. Scores are sigmoids. Without a processor config
+the image is prepared as ``RTDetrImageProcessor`` does by default. v2 places the decoder's samples with
+per-point scales and an ``offset_scale``; its discrete (rounded) sampling is refused.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ _UPSTREAM_OF_ENCODER = ("model.backbone.", "model.encoder_input_proj.")
 _AFTER_MEMORY = ("model.enc_output.", "model.enc_score_head.", "model.enc_bbox_head.", "model.decoder.")
 # transformers' own classes of RT-DETR's default encoder activations (GELU, SiLU): identity rule like nn.GELU
 _ACTIVATIONS = ("GELUActivation", "SiLUActivation")
+# RTDetrImageProcessor's defaults (640x640, pixels in [0, 1], no normalisation), for a model without its own
+PROCESSOR_DEFAULTS = {"height": 640, "width": 640, "rescale_factor": 1 / 255,
+                      "image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
 
 
 class RTDetrAdapter(HFDetectionAdapter):
@@ -40,6 +44,14 @@ class RTDetrAdapter(HFDetectionAdapter):
     stops = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "query_init", "decoder_layers")
     default_stops = ("pixels", "encoder_input", "memory")
     encoder_stops = ("pixels", "backbone", "encoder_input", "encoder_layers")
+
+    def prepare(self, model, image, channel_order="RGB"):
+        with _processor_defaults(model):
+            return super().prepare(model, image, channel_order)
+
+    def input_bounds(self, model, x):
+        with _processor_defaults(model):
+            return super().input_bounds(model, x)
 
     def module_kind(self, name, module):
         if is_hf_class(module, "transformers.activations", _ACTIVATIONS):
@@ -156,6 +168,24 @@ def _v2_locations(module: nn.Module, reference_points: torch.Tensor, offsets: to
     scale = module.n_points_scale.to(dtype=flat.dtype).unsqueeze(-1)
     where = reference_points[:, :, None, :, :2] + flat * scale * reference_points[:, :, None, :, 2:] * module.offset_scale
     return where.view(offsets.shape)
+
+
+@contextlib.contextmanager
+def _processor_defaults(model: nn.Module) -> Iterator[None]:
+    """RT-DETR's processor settings (``lrp_preprocess``) while the shared code reads them, if the model has none."""
+    if getattr(model, "lrp_preprocess", None):
+        yield
+        return
+    missing = object()
+    before = model.__dict__.get("lrp_preprocess", missing)
+    model.lrp_preprocess = PROCESSOR_DEFAULTS
+    try:
+        yield
+    finally:
+        if before is missing:
+            del model.lrp_preprocess
+        else:
+            model.lrp_preprocess = before
 
 
 def _stage_prefixes(model: nn.Module) -> tuple[str, ...] | None:
