@@ -94,6 +94,20 @@ def test_without_a_processor_config_the_image_is_prepared_as_rt_detr_s_processor
     assert "lrp_preprocess" not in model.__dict__  # the defaults are not left on the model
 
 
+def test_the_processor_output_is_explained_as_it_is():
+    """RTDetrImageProcessor's own output (pixels in [0, 1]): explained as given, shown as the processor's image."""
+    model = tiny_rtdetr("v1")
+    del model.lrp_preprocess
+    photo = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    processor = getattr(transformers, "RTDetrImageProcessorPil", transformers.RTDetrImageProcessor)
+    x = processor(size={"height": 64, "width": 96})(images=photo, return_tensors="pt")["pixel_values"].double()
+    expl = LRP(model, composite="conservative").explain({"pixel_values": x}, queries=[0, 1], stops=["pixels"])
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits[0]
+    assert torch.allclose(expl.target_values, logits[[0, 1], expl.labels], rtol=1e-12, atol=0)
+    assert np.array_equal(expl.image, (x[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_zero_bias_conservation_with_attention_as_constant(image, version):
     """Pixels + booked constants = the explained logit of a plain forward of the untouched model, at every cut."""
