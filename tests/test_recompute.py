@@ -186,3 +186,15 @@ def test_estimate_counts_what_the_segments_keep(config, overrides):
                         for flag in (False, True))
     assert recomputed.forward_bytes < kept.forward_bytes and recomputed.recompute_bytes > 0
     assert recomputed.seconds_per_target > kept.seconds_per_target
+
+
+def test_cli_and_runner_pass_recompute_on(tmp_path, capsys):
+    from maskdino_lrp.analysis.runner import BatchExplainer, LRPOptions
+    from maskdino_lrp.cli import main
+
+    assert main(["estimate", "--config", "tiny", "--image-size", "64", "--queries", "1", "--gflops", "1",
+                 "--recompute"]) == 0
+    assert "segments recomputed" in capsys.readouterr().out
+    runner = BatchExplainer("tiny", tmp_path / "out", options=LRPOptions(recompute=True), formats=("csv",),
+                            progress=False)
+    assert runner.lrp.segments == LRP(runner.model, recompute=True).segments != []
