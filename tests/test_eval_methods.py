@@ -114,17 +114,26 @@ def test_attention_recorder_reproduces_the_forward_and_restores(model, prepared)
         with Me.AttentionRecorder(model):
             raise RuntimeError("boom")
     assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert not [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]  # hooks removed
 
 
 def test_splatted_attention_gradient_agrees_with_autograd(model, prepared):
     """∂y/∂A_{qhlp} from autograd equals Σ_c β_c ∂y/∂M_{q,h,corner c} from our dense-matrix gradient."""
     from maskdino_lrp.model.deform_attn import bilinear_corners
 
+    from maskdino_lrp.model.deform_attn import ms_deform_attn_core
+
     x = prepared.tensor.clone().requires_grad_(True)
     with Me.connected_query_content(model), Me.AttentionRecorder(model) as rec:
         y = model(x)["pred_logits"][0, 3, 2]
     r = rec.decoder_cross[-1]
-    g_weights, g_core = torch.autograd.grad(y, [r.weights, r.core])
+    (g_core,) = torch.autograd.grad(y, [r.core])
+    # ∂y/∂A by autograd through the attention core recomputed from the recorded inputs (y is linear in A
+    # through the core, so ∂y/∂A = J_core(A)ᵀ ∂y/∂core)
+    weights = r.weights.clone().requires_grad_(True)
+    core = ms_deform_attn_core(r.value, r.shapes, None, r.locations, weights)
+    torch.testing.assert_close(core, r.core.detach(), rtol=1e-4, atol=1e-6)
+    (g_weights,) = torch.autograd.grad((core * g_core).sum(), [weights])
     grad_m = r.attention_gradient(g_core)  # (1, Q, H, T)
     expected = torch.zeros_like(g_weights)
     start = 0
@@ -133,6 +142,36 @@ def test_splatted_attention_gradient_agrees_with_autograd(model, prepared):
             expected[:, :, :, lvl] += beta * torch.gather(grad_m, 3, index + start)
         start += h * w
     torch.testing.assert_close(expected, g_weights, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_record_and_gradient_agree_with_autograd(batch_first):
+    """The recorder's hook on nn.MultiheadAttention: probabilities = the engine's computation, ∂y/∂A from the
+    output's gradient = autograd through the probabilities kept in the graph."""
+    from maskdino_lrp.lrp.engine import multihead_attention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    shape = (2, 5, 16) if batch_first else (5, 2, 16)
+    q, kv = torch.randn(shape), torch.randn(shape)
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    mask[0, 3] = True
+    weight = torch.randn(shape)
+    records = []
+    handle = Me._mha_hook(mha, records)
+    try:
+        out = mha(q, kv, kv, attn_mask=mask)[0]
+    finally:
+        handle.remove()
+    (g_out,) = torch.autograd.grad((out * weight).sum(), [records[0].output])
+    kept = []
+    reference = multihead_attention(mha, q, kv, kv, None, False, mask, in_proj_bias=mha.in_proj_bias,
+                                    record=kept.append)[0]
+    (g_attention,) = torch.autograd.grad((reference * weight).sum(), [kept[0]])
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(records[0].attention, kept[0].detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(records[0].attention_gradient(g_out), g_attention, rtol=1e-5, atol=1e-6)
+    assert float(records[0].attention[:, 0, 3].abs().max()) == 0.0  # the mask holds
 
 
 def test_tokens_to_pixels_keeps_each_tokens_mass():

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -79,17 +80,12 @@ def class_logit(outputs: dict, query: int, label: int) -> torch.Tensor:
     return outputs["pred_logits"][0, query, label]
 
 
-@contextlib.contextmanager
-def connected_query_content(model: nn.Module) -> Iterator[None]:
-    """Keep the two-stage query content connected (``detach_query_content = False``); restore on exit."""
-    saved = [(m, m.detach_query_content) for m in model.modules() if hasattr(m, "detach_query_content")]
-    try:
-        for m, _ in saved:
-            m.detach_query_content = False
-        yield
-    finally:
-        for m, value in saved:
-            m.detach_query_content = value
+def connected_query_content(model: nn.Module) -> ContextManager[None]:
+    """The model's graph as the LRP engine sees it: its adapter's ``connect`` (MaskDINO: the two-stage query
+    content stays connected to the encoder memory); restored on exit."""
+    from ..lrp.engine import resolve_adapter
+
+    return resolve_adapter(model).connect(model)
 
 
 @contextlib.contextmanager
@@ -386,15 +382,15 @@ def splat_deformable_attention(weights: torch.Tensor, locations: torch.Tensor,
 class DeformRecord:
     """One call of a deformable attention: what the attention map and its gradient need."""
 
-    weights: torch.Tensor  # (N, Lq, H, L, P) after softmax (in the graph)
+    weights: torch.Tensor  # (N, Lq, H, L, P) after softmax, detached
     locations: torch.Tensor  # (N, Lq, H, L, P, 2), detached
     value: torch.Tensor  # (N, T, H, D), detached
-    core: torch.Tensor  # (N, Lq, H*D) before output_proj (in the graph)
+    core: torch.Tensor | None  # (N, Lq, H*D) before output_proj (in the graph)
     shapes: list[tuple[int, int]]
 
     def attention(self) -> torch.Tensor:
         """Dense splatted attention (N, Lq, H, T)."""
-        return splat_deformable_attention(self.weights.detach(), self.locations, self.shapes, self.value.shape[1])
+        return splat_deformable_attention(self.weights, self.locations, self.shapes, self.value.shape[1])
 
     def attention_gradient(self, core_grad: torch.Tensor) -> torch.Tensor:
         """∂y/∂M (N, Lq, H, T) from the gradient at the attention output (N, Lq, H*D)."""
@@ -405,40 +401,72 @@ class DeformRecord:
 
 @dataclass
 class MHARecord:
-    """One call of a multi-head attention: its probabilities (B*H, Lq, Lk), the very tensor the output
-    is computed from (a view of it would get no gradient)."""
+    """One call of a multi-head attention: its probabilities (B*H, Lq, Lk) and values (B*H, Lk, d), detached,
+    and its output (in the graph), from which :meth:`attention_gradient` gives ∂y/∂probabilities."""
 
     attention: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor
+    out_weight: torch.Tensor  # out_proj.weight (E, E)
+    batch_first: bool
+
+    def attention_gradient(self, output_grad: torch.Tensor) -> torch.Tensor:
+        """∂y/∂A (B*H, Lq, Lk) from the gradient at the output: the output is out_proj of the heads' A·V, so
+        ∂y/∂(A·V) = ∂y/∂out · W_out per head and ∂y/∂A = ∂y/∂(A·V) · Vᵀ."""
+        g = output_grad.transpose(0, 1) if self.batch_first else output_grad  # (L, B, E)
+        length, bsz, _ = g.shape
+        heads = self.value.shape[0] // bsz
+        g = (g @ self.out_weight.to(g)).reshape(length, bsz * heads, -1).transpose(0, 1)  # (B*H, L, d)
+        return torch.bmm(g, self.value.transpose(1, 2).to(g))
 
 
-def _deform_forward(module: nn.Module, records: list) -> Callable:
-    """The module's own computation, composed from the public functions, recording A, locations, values."""
+def _deform_hooks(module: nn.Module, records: list) -> list:
+    """Hooks on a deformable attention: its inputs give the (detached) weights, locations and values, the
+    input of its ``output_proj`` the attention output in the graph; the module computes as always."""
     from ..model import deform_attn as da
 
-    def forward(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                input_padding_mask=None):
-        value = module.project_values(input_flatten, input_padding_mask)
-        locations, weights = da.sampling_locations_and_weights(module, query, reference_points, input_spatial_shapes)
-        core = da.ms_deform_attn_core(value, input_spatial_shapes, input_level_start_index, locations, weights)
-        shapes = [(int(h), int(w)) for h, w in (input_spatial_shapes.tolist() if torch.is_tensor(input_spatial_shapes)
-                                                else input_spatial_shapes)]
-        records.append(DeformRecord(weights, locations.detach(), value.detach(), core, shapes))
-        return module.output_proj(core)
+    signature = inspect.signature(module.forward)
 
-    return forward
+    def on_call(_module, args, kwargs):
+        call = signature.bind(*args, **kwargs).arguments
+        with torch.no_grad():
+            value = module.project_values(call["input_flatten"], call.get("input_padding_mask"))
+            locations, weights = da.sampling_locations_and_weights(module, call["query"], call["reference_points"],
+                                                                  call["input_spatial_shapes"])
+        shapes = call["input_spatial_shapes"]
+        shapes = [(int(h), int(w)) for h, w in (shapes.tolist() if torch.is_tensor(shapes) else shapes)]
+        records.append(DeformRecord(weights, locations, value, None, shapes))
+
+    def on_core(_module, args):
+        records[-1].core = args[0]
+
+    return [module.register_forward_pre_hook(on_call, with_kwargs=True),
+            module.output_proj.register_forward_pre_hook(on_core)]
 
 
-def _mha_forward(module: nn.MultiheadAttention, records: list) -> Callable:
-    """nn.MultiheadAttention's inference computation with the probabilities kept in the graph."""
+def _mha_hook(module: nn.MultiheadAttention, records: list) -> Any:
+    """A hook on nn.MultiheadAttention: its probabilities and values recomputed (detached) from the call's
+    inputs by the engine's :func:`~maskdino_lrp.lrp.engine.multihead_attention`, its output as computed."""
     from ..lrp.engine import multihead_attention
 
-    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        return multihead_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                   average_attn_weights, in_proj_bias=module.in_proj_bias,
-                                   record=lambda attn: records.append(MHARecord(attn)))
+    signature = inspect.signature(module.forward)
 
-    return forward
+    def on_output(_module, args, kwargs, output):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        kept: list[torch.Tensor] = []
+        with torch.no_grad():
+            multihead_attention(module, a["query"], a["key"], a["value"], a["key_padding_mask"], False,
+                                a["attn_mask"], in_proj_bias=module.in_proj_bias, record=kept.append)
+            value = a["value"].transpose(0, 1) if module.batch_first else a["value"]
+            wv = module.in_proj_weight.chunk(3)[2] if module._qkv_same_embed_dim else module.v_proj_weight
+            bv = module.in_proj_bias.chunk(3)[2] if module.in_proj_bias is not None else None
+            heads = module.num_heads
+            v = F.linear(value, wv, bv).reshape(value.shape[0], value.shape[1] * heads, -1).transpose(0, 1)
+        records.append(MHARecord(kept[0], v, output[0], module.out_proj.weight.detach(), module.batch_first))
+
+    return module.register_forward_hook(on_output, with_kwargs=True)
 
 
 class AttentionRecorder:
@@ -447,8 +475,8 @@ class AttentionRecorder:
     After the forward: ``encoder`` — one :class:`DeformRecord` per encoder layer (token self-attention,
     encoder token order); ``decoder_self`` — one :class:`MHARecord` per decoder layer (query
     self-attention); ``decoder_cross`` — one :class:`DeformRecord` per decoder layer (query → memory
-    tokens, in the decoder's level order, see :meth:`decoder_to_encoder_tokens`). The modules get an
-    instance-level ``forward`` computing the same values; it is removed on exit, also after an error.
+    tokens, in the decoder's level order, see :meth:`decoder_to_encoder_tokens`). Only hooks: the model
+    computes as always; they are removed on exit, also after an error.
     """
 
     def __init__(self, model: nn.Module):
@@ -461,28 +489,24 @@ class AttentionRecorder:
         self.encoder: list[DeformRecord] = []
         self.decoder_self: list[MHARecord] = []
         self.decoder_cross: list[DeformRecord] = []
-        self._patched: list[nn.Module] = []
+        self._handles: list = []
 
     def __enter__(self) -> "AttentionRecorder":
         try:
             for layer in self.encoder_layers:
-                self._patch(layer.self_attn, _deform_forward(layer.self_attn, self.encoder))
+                self._handles += _deform_hooks(layer.self_attn, self.encoder)
             for layer in self.decoder_layers:
-                self._patch(layer.self_attn, _mha_forward(layer.self_attn, self.decoder_self))
-                self._patch(layer.cross_attn, _deform_forward(layer.cross_attn, self.decoder_cross))
+                self._handles.append(_mha_hook(layer.self_attn, self.decoder_self))
+                self._handles += _deform_hooks(layer.cross_attn, self.decoder_cross)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
-    def _patch(self, module: nn.Module, forward: Callable) -> None:
-        module.forward = forward
-        self._patched.append(module)
-
     def __exit__(self, *exc: Any) -> None:
-        for module in self._patched:
-            module.__dict__.pop("forward", None)
-        self._patched.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     @property
     def encoder_shapes(self) -> list[tuple[int, int]]:
@@ -611,8 +635,8 @@ class CheferAttention(Method):
             index = rec.decoder_to_encoder_tokens()
             enc_att = [r.attention()[0] for r in rec.encoder]  # (T, H, T)
             cross_att = [r.attention()[0] for r in rec.decoder_cross]  # (Q, H, T_dec)
-            self_att = [r.attention.detach() for r in rec.decoder_self]  # (H, Q, Q) for batch 1
-            graph = [r.core for r in rec.encoder] + [r.attention for r in rec.decoder_self] + \
+            self_att = [r.attention for r in rec.decoder_self]  # (H, Q, Q) for batch 1
+            graph = [r.core for r in rec.encoder] + [r.output for r in rec.decoder_self] + \
                 [r.core for r in rec.decoder_cross]
             n_enc, n_dec = len(rec.encoder), len(rec.decoder_self)
             for i, (q, label) in enumerate(zip(queries, labels)):
@@ -620,7 +644,7 @@ class CheferAttention(Method):
                                             retain_graph=i < len(queries) - 1)
                 grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, graph)]
                 enc_grads = grads[:n_enc]
-                self_grads = grads[n_enc:n_enc + n_dec]
+                self_grads = [r.attention_gradient(g) for r, g in zip(rec.decoder_self, grads[n_enc:n_enc + n_dec])]
                 cross_grads = grads[n_enc + n_dec:]
                 num_tokens = enc_att[0].shape[-1] if enc_att else rec.decoder_cross[0].value.shape[1]
                 r_ii = torch.eye(num_tokens, dtype=x.dtype, device=x.device)
