@@ -123,14 +123,15 @@ def test_refinements_add_up_to_the_box_and_conserve(image, init):
 
 
 # ----------------------------------------------------------------------------- what must not change
-@pytest.mark.parametrize("target", ["class", "mask"])
-def test_class_and_mask_explanations_do_not_change(image, target):
+@pytest.mark.parametrize("target, composite", [("class", "default"), ("mask", "default"), ("class", "deform-query")])
+def test_class_and_mask_explanations_do_not_change(image, target, composite):
     """The chain feeds later layers only through positional inputs (sine query embedding: booked; sampling
-    locations: constant), so connecting it must leave class and mask relevance bit for bit as they were."""
+    locations: constant, also when relevance flows through the attention weights), so connecting it must leave
+    class and mask relevance bit for bit as they were."""
     model = tiny_model(zero_constants=False)
     stops = ["pixels", "backbone", "encoder_input", "memory", "query_init", "decoder_layers"]
-    connected = LRP(model, composite="default").explain(image, QUERIES, target, stops)
-    cut = LRP(model, composite="default", adapter=MaskDINOAdapter(box_chain=False)).explain(image, QUERIES, target,
+    connected = LRP(model, composite=composite).explain(image, QUERIES, target, stops)
+    cut = LRP(model, composite=composite, adapter=MaskDINOAdapter(box_chain=False)).explain(image, QUERIES, target,
                                                                                              stops)
     assert torch.equal(connected.target_values, cut.target_values)
     assert connected.relevance.keys() == cut.relevance.keys()
