@@ -284,6 +284,7 @@ HF_AUTO_CLASSES = {
     "detr": "AutoModelForObjectDetection",
     "deformable_detr": "AutoModelForObjectDetection",
     "conditional_detr": "AutoModelForObjectDetection",
+    "dab_detr": "AutoModelForObjectDetection",
     "rt_detr": "AutoModelForObjectDetection",
     "rt_detr_v2": "AutoModelForObjectDetection",
     "mask2former": "AutoModelForUniversalSegmentation",

@@ -6,8 +6,9 @@ stops, cuts and hooks of :class:`~.detr.DetrAdapter`), with sigmoid scores and i
 (read from ``modeling_conditional_detr.py``): queries and keys are content projections plus position
 projections (``q_content_proj`` + ``q_pos_proj`` …); the cross-attention concatenates, per head, a positional
 half to queries (``q_pos_sine_proj`` of the conditional spatial query) and keys (``k_pos_proj`` of the sine
-embedding). The position embeddings each attention reads, the conditional spatial query included, are booked
-where they enter (``positional``).
+embedding). The position embeddings each attention reads are booked where they enter (``positional``), and
+so are constants for every composite, the gradient included; that covers the conditional spatial query, which
+from the second layer on is scaled by ``query_scale`` of the content.
 """
 from __future__ import annotations
 

@@ -20,8 +20,7 @@ from .hf_common import IMAGENET_MEAN, IMAGENET_STD, HFDetectionAdapter, append_o
 __all__ = ["DetrAdapter", "IMAGENET_MEAN", "IMAGENET_STD", "read_preprocessor"]
 
 _UPSTREAM_OF_ENCODER = ("model.backbone.", "model.input_projection.")
-# ledger entries downstream of the memory: the decoder, its query embeddings, the class and box heads
-_AFTER_MEMORY = ("model.decoder.", "model.query_position_embeddings.", "class_labels_classifier.", "bbox_predictor.")
+_UPSTREAM_OF_MEMORY = _UPSTREAM_OF_ENCODER + ("model.encoder.",)
 
 
 class DetrAdapter(HFDetectionAdapter):
@@ -88,5 +87,5 @@ class DetrAdapter(HFDetectionAdapter):
             Cut("backbone", ("backbone",), (last,), lambda entry: not entry.name.startswith("model.backbone.")),
             Cut("encoder_input", ("encoder_input",), ("encoder_input",),
                 lambda entry: not entry.name.startswith(_UPSTREAM_OF_ENCODER)),
-            Cut("memory", ("memory",), ("memory",), lambda entry: entry.name.startswith(_AFTER_MEMORY)),
+            Cut("memory", ("memory",), ("memory",), lambda entry: not entry.name.startswith(_UPSTREAM_OF_MEMORY)),
         ]
