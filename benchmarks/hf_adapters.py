@@ -55,6 +55,16 @@ def conditional_detr() -> torch.nn.Module:
     return transformers.ConditionalDetrForObjectDetection(config).eval()
 
 
+def dab_detr() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.DabDetrConfig(
+        use_timm_backbone=False, backbone_config=_resnet(), use_pretrained_backbone=False, hidden_size=32,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, num_queries=8, num_labels=4, activation_function="relu")
+    return transformers.DabDetrForObjectDetection(config).eval()
+
+
 def _deformable(**variant) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         import transformers
@@ -119,6 +129,7 @@ def _rtdetr(version: str) -> Callable[[], torch.nn.Module]:
 FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "detr": detr,
     "conditional_detr": conditional_detr,
+    "dab_detr": dab_detr,
     "deformable_detr": _deformable(),
     "deformable_detr_refine": _deformable(with_box_refine=True),
     "deformable_detr_2stage": _deformable(with_box_refine=True, two_stage=True),
@@ -188,9 +199,14 @@ def measure(build: Callable[[], torch.nn.Module], image: np.ndarray, repeat: int
     model = model.double()
     _zero_additive_constants(model)
     queries = [0, 1, 2]
-    with torch.no_grad():
-        logits = adapter.forward(model, adapter.prepare(model, image).tensor, None)["pred_logits"][0]
-    expl = LRP(model, composite="conservative").explain(image, queries=queries, stops=["pixels"])
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # DAB-DETR makes its decoder queries in the default dtype
+    try:
+        with torch.no_grad():
+            logits = adapter.forward(model, adapter.prepare(model, image).tensor, None)["pred_logits"][0]
+        expl = LRP(model, composite="conservative").explain(image, queries=queries, stops=["pixels"])
+    finally:
+        torch.set_default_dtype(default_dtype)
     row = expl.conservation["pixels"]
     target = logits[queries, expl.labels]
     accounted = row["total"] + row["embeddings"] + row["positional"]
