@@ -151,7 +151,8 @@ def test_mask_product_takes_the_product_rule(image):
 def test_biases_absorb_what_the_ledger_says_at_every_cut(image, backbone):
     """With biases, each cut conserves once its downstream biases are counted (a cut that booked an upstream
     bias, or missed a downstream one, would leave a residual)."""
-    expl = LRP(tiny_mask2former(backbone=backbone), composite="conservative").explain(image, queries="topk:3", stops=CUT_STOPS)
+    lrp = LRP(tiny_mask2former(backbone=backbone), composite="conservative")
+    expl = lrp.explain(image, queries="topk:3", stops=CUT_STOPS)
     for cut, row in expl.conservation.items():
         assert (row["bias"].abs() > 1e-3 * row["target"].abs()).all(), cut  # the biases matter here
         rel = (row["residual"].abs() / row["target"].abs()).max().item()

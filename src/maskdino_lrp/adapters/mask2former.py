@@ -1,18 +1,22 @@
-"""Hugging Face Mask2Former's adapter (``transformers.Mask2FormerForUniversalSegmentation``, ResNet or Swin backbone).
+"""Hugging Face Mask2Former's adapter (``transformers.Mask2FormerForUniversalSegmentation``, ResNet or Swin).
 
-Structure read from transformers' ``modeling_mask2former.py`` (and ``modeling_swin.py``): a ResNet's conv layers
-fold their batch norms; Swin's window attention is a DETR-style attention whose relative position bias and
-shift mask are constants added to the logits (booked, positional), its GELU takes the elementwise rule, and
-its input is padded to the patch size here as Swin would pad it; the pixel decoder's encoder is a multi-scale deformable attention (:mod:`.hf_deformable`, True marks
-padding), its FPN adds a lateral conv of the finest backbone feature; the transformer decoder's masked cross
-attention is an ``nn.MultiheadAttention`` whose boolean mask, thresholded from the previous layer's detached
-mask prediction, only selects (it carries no relevance); its self-attention (``Mask2FormerAttention``) takes
-sequence-first inputs. The mask predictor's einsum of mask embeddings and pixel embeddings is a bilinear
-product of two variable tensors: it is of the ``product`` kind. The sine position embeddings of the
-decoder's keys, and the query position embeddings where the self-attention adds them, are booked as
-positional; the initial query features (and the query positions the cross-attention adds) are learned
-parameters (``embeddings``). Semantic and panoptic targets: :mod:`maskdino_lrp.lrp.targets`
-(``outputs["class_activation"]`` says the classes are a softmax with a last no-object class).
+Structure read from transformers' ``modeling_mask2former.py`` and ``modeling_swin.py``:
+
+- backbone: a ResNet's conv layers fold their batch norms; Swin's window attention is a DETR-style attention
+  whose relative position bias and shift mask are constants added to the logits (booked, positional), its GELU
+  takes the elementwise rule, and its input is padded to the patch size here, as Swin would pad it;
+- pixel decoder: a multi-scale deformable attention encoder (:mod:`.hf_deformable`, True marks padding), and
+  an FPN that adds a lateral conv of the finest backbone feature;
+- transformer decoder: the masked cross-attention is an ``nn.MultiheadAttention`` whose boolean mask,
+  thresholded from the previous layer's detached mask prediction, only selects (it carries no relevance); the
+  self-attention (``Mask2FormerAttention``) takes sequence-first inputs; the mask predictor's einsum of mask
+  embeddings and pixel embeddings is a bilinear product of two variable tensors (the ``product`` kind);
+- constants: the sine position embeddings of the decoder's keys, and the query positions where the
+  self-attention adds them, are booked (positional); the initial query features (and the query positions
+  the cross-attention adds) are learned parameters (``embeddings``).
+
+Semantic and panoptic targets: :mod:`maskdino_lrp.lrp.targets` (``outputs["class_activation"]`` says the
+classes are a softmax with a last no-object class).
 """
 from __future__ import annotations
 
@@ -224,9 +228,9 @@ class Mask2FormerAdapter(HFDetectionAdapter):
                    transformer.position_embedder.register_forward_hook(
                        book_output(ledger, "model.transformer_module.position_embedder")),
                    transformer.decoder.layernorm.register_forward_hook(on_decoder_norm)]
-        first = lambda out: out[0]  # noqa: E731 (layers return tuples)
-        handles += [m.register_forward_hook(append_output(rec["encoder_layers"], first)) for m in pixel_decoder.encoder.layers]
-        handles += [m.register_forward_hook(append_output(rec["decoder_layers"], first)) for m in transformer.decoder.layers]
+        for key, layers in (("encoder_layers", pixel_decoder.encoder.layers),
+                            ("decoder_layers", transformer.decoder.layers)):  # layers return tuples
+            handles += [m.register_forward_hook(append_output(rec[key], lambda out: out[0])) for m in layers]
         handles += [m.register_forward_hook(append_output(rec["lateral"])) for m in pixel_decoder.lateral_convolutions]
         with hooks(handles):
             yield records
