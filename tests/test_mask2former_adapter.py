@@ -292,6 +292,7 @@ def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
     session.cleanup()
 
 
+@pytest.mark.slow  # three runs and two validations: about 15 s on a loaded 2-core machine
 def test_explain_hf_end_to_end_with_masks_resume_and_validate(tmp_path, capsys):
     """``maskdino-lrp explain IMAGES --hf DIR`` on a saved tiny Mask2Former: outputs with masks, report, resume,
     validate; the semantic target through the same command."""

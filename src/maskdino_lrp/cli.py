@@ -285,6 +285,7 @@ HF_AUTO_CLASSES = {
     "deformable_detr": "AutoModelForObjectDetection",
     "conditional_detr": "AutoModelForObjectDetection",
     "dab_detr": "AutoModelForObjectDetection",
+    "yolos": "AutoModelForObjectDetection",
     "rt_detr": "AutoModelForObjectDetection",
     "rt_detr_v2": "AutoModelForObjectDetection",
     "mask2former": "AutoModelForUniversalSegmentation",
