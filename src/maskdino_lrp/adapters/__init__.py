@@ -20,6 +20,7 @@ ADAPTERS: dict[str, str] = {
     "deformable_detr": "maskdino_lrp.adapters.deformable_detr:DeformableDetrAdapter",  # (extra "hf")
     "conditional_detr": "maskdino_lrp.adapters.conditional_detr:ConditionalDetrAdapter",  # (extra "hf")
     "dab_detr": "maskdino_lrp.adapters.dab_detr:DabDetrAdapter",  # (extra "hf")
+    "yolos": "maskdino_lrp.adapters.yolos:YolosAdapter",  # YolosForObjectDetection (extra "hf")
     "rt_detr": "maskdino_lrp.adapters.rtdetr:RTDetrAdapter",  # RTDetrForObjectDetection (extra "hf")
     "rt_detr_v2": "maskdino_lrp.adapters.rtdetr:RTDetrV2Adapter",  # RTDetrV2ForObjectDetection (extra "hf")
     "mask2former": "maskdino_lrp.adapters.mask2former:Mask2FormerAdapter",  # (extra "hf")

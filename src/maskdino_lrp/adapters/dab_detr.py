@@ -75,7 +75,7 @@ class DabDetrAdapter(DetrAdapter):
                               "for a learned activation slope): build it with activation_function='relu'")
 
     def module_kind(self, name, module):
-        return "mha" if self._ours(module, tuple(_KERNELS)) else None
+        return "mha" if self._ours(module, tuple(_KERNELS)) else super().module_kind(name, module)
 
     def kernel(self, module, kind, steps, track):
         if kind == "mha" and self._ours(module, tuple(_KERNELS)):

@@ -34,6 +34,9 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HFInput", "HFDetections", "HFDetect
            "is_frozen_norm", "read_preprocessor", "attend", "qkv_attention_kernel", "book_output", "book_input",
            "append_output"]
 
+# transformers.activations classes that are parameterless elementwise functions rebuilt by calling the class
+_ACTIVATIONS = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
+                "SiLUActivation", "AccurateGELUActivation")
 # the statistics transformers' DETR-family image processors normalise with by default
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -216,7 +219,10 @@ class HFDetectionAdapter(Adapter):
 
     # ------------------------------------------------------------------ modules
     def module_kind(self, name, module):
-        return "mha" if self._ours(module, self.attention_classes + self.cross_attention_classes) else None
+        if self._ours(module, self.attention_classes + self.cross_attention_classes):
+            return "mha"
+        # transformers' own GELU/SiLU modules (ACT2FN): parameterless elementwise maps, as nn.GELU
+        return "elementwise" if is_hf_class(module, "transformers.activations", _ACTIVATIONS) else None
 
     def kernel(self, module, kind, steps, track):
         if kind == "mha" and self._ours(module, self.attention_classes + self.cross_attention_classes):

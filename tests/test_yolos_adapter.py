@@ -1,0 +1,111 @@
+"""The engine on Hugging Face YOLOS through its adapter (a ViT encoder: patches, [CLS] and detection tokens).
+
+A tiny random ``YolosForObjectDetection`` in float64 (every weight, bias and token randomised: transformers
+initialises the tokens and position embeddings to zero). Proofs as in test_detr_adapter.py; the ViT's GELU is
+transformers' own module, which the HF adapters give the identity rule.
+"""
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from maskdino_lrp.adapters import find_adapter  # noqa: E402
+from maskdino_lrp.adapters.yolos import YolosAdapter  # noqa: E402
+from maskdino_lrp.lrp.engine import lrp_mode  # noqa: E402
+from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
+from conftest import zero_additive_constants
+
+QUERIES = [0, 3, 5]
+CUT_STOPS = ["pixels", "patch_embeddings", "encoder_input"]
+
+
+def tiny_yolos(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                      image_size=[64, 48], patch_size=16, num_detection_tokens=6, num_labels=4)
+    model = transformers.YolosForObjectDetection(config).eval().double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif p.abs().max() == 0:  # tokens and position embeddings
+                p.normal_(0.0, 0.5)
+            else:
+                p.mul_(1.0 + 0.5 * torch.rand_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+
+
+def plain_logits(model, image):
+    with torch.no_grad():
+        return model(pixel_values=YolosAdapter().prepare(model, image).tensor).logits[0]
+
+
+def test_adapter_is_found_and_reproduces_the_forward(image):
+    model = tiny_yolos()
+    adapter = find_adapter(model)
+    assert isinstance(adapter, YolosAdapter)
+    assert adapter.pixel_layer(model) is model.vit.embeddings.patch_embeddings.projection
+    reference = plain_logits(model, image)
+    for composite in ("default", "conservative", "gradient"):
+        with lrp_mode(model, composite):
+            assert torch.allclose(plain_logits(model, image), reference, rtol=0, atol=1e-12), composite
+
+
+def test_zero_bias_conservation_with_attention_as_constant(image):
+    """Pixels + the learned tokens and position embeddings (booked parameters) = the explained logit."""
+    model = tiny_yolos()
+    zero_additive_constants(model)
+    reference = plain_logits(model, image)
+    expl = LRP(model, composite="conservative").explain(image, queries=QUERIES, stops=CUT_STOPS)
+    target = reference[QUERIES, expl.labels]
+    assert torch.allclose(expl.target_values, target, rtol=1e-12, atol=0)
+    assert set(expl.conservation) == set(CUT_STOPS)
+    for cut, row in expl.conservation.items():
+        assert torch.all(row["bias"] == 0), cut
+        assert (row["embeddings"].abs() > 1e-3 * target.abs()).all(), cut  # the tokens carry part of it
+        rel = (((row["total"] + row["embeddings"] + row["positional"]) - target).abs() / target.abs()).max().item()
+        assert rel < 1e-5, f"cut {cut} conserves only to {rel:.2e}"
+    (level,) = expl.levels  # the patch tokens, after [CLS]
+    assert (level.start, level.size) == (1, 30) and expl.relevance["encoder_input"].shape == (3, 1 + 30 + 6)
+    patches = expl.relevance["encoder_input"][0, 1:31]
+    assert torch.equal(expl.token_maps("encoder_input", 0)[level.name].flatten(), patches)
+
+
+def test_gradient_composite_is_autograd_gradient_times_input(image):
+    model = tiny_yolos(1)
+    expl = LRP(model, composite="gradient").explain(image, queries=QUERIES, stops=["pixels"])
+    x = YolosAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
+    logits = model(pixel_values=x).logits[0]
+    for row, q in enumerate(QUERIES):
+        (g,) = torch.autograd.grad(logits[q, expl.labels[row]], x, retain_graph=True)
+        reference = (x * g).detach().sum(1)[0]
+        assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=1e-9, atol=1e-9 * reference.abs().max())
+
+
+def test_model_bit_identical_after_explaining_also_after_an_exception_and_batched_equals_single(image):
+    model = tiny_yolos(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = plain_logits(model, image)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lrp_mode(model, "default"):
+            plain_logits(model, image)
+            raise RuntimeError("boom")
+    lrp = LRP(model, composite="default", batch_mode="vmap", chunk_size=2)
+    session = lrp.prepare(image)
+    batched = session.backward(QUERIES, "class", ["pixels", "encoder_layers"])
+    lrp.batch_mode = "loop"
+    for row, q in enumerate(QUERIES):
+        single = session.backward([q], "class", ["pixels", "encoder_layers"])
+        for key, rel in batched.relevance.items():
+            assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
+    session.cleanup()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(plain_logits(model, image), reference)
