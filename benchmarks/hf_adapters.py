@@ -5,7 +5,7 @@ Per family (one row of ``FAMILIES``: a name and a function building the tiny mod
 
 - ``forward_s``: the best of ``--repeat`` plain forwards (``torch.no_grad``, float32);
 - ``explain_s``: the best of ``--repeat`` ``LRP(model).explain(image, queries=[best])`` with the default
-  composite and default stops (the prepare, the LRP forward and one backward), float32;
+  composite and the adapter's default stops (the prepare, the LRP forward and one backward), float32;
 - ``ratio``: explain_s / forward_s;
 - ``conservation``: with every additive constant zeroed and the conservative composite, in float64, the
   largest relative error over the explained queries of pixels + booked constants against the logit of a
@@ -63,6 +63,14 @@ def dab_detr() -> torch.nn.Module:
         encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
         decoder_ffn_dim=48, num_queries=8, num_labels=4, activation_function="relu")
     return transformers.DabDetrForObjectDetection(config).eval()
+
+
+def yolos() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                      image_size=[64, 48], patch_size=16, num_detection_tokens=8, num_labels=4)
+    return transformers.YolosForObjectDetection(config).eval()
 
 
 def _deformable(**variant) -> Callable[[], torch.nn.Module]:
@@ -130,6 +138,7 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "detr": detr,
     "conditional_detr": conditional_detr,
     "dab_detr": dab_detr,
+    "yolos": yolos,
     "deformable_detr": _deformable(),
     "deformable_detr_refine": _deformable(with_box_refine=True),
     "deformable_detr_2stage": _deformable(with_box_refine=True, two_stage=True),
@@ -194,7 +203,7 @@ def measure(build: Callable[[], torch.nn.Module], image: np.ndarray, repeat: int
         forward_s = _best(lambda: model(pixel_values=x), repeat)
     lrp = LRP(model)
     best = int(adapter.postprocess(model, adapter.forward(model, x, None), None).query_indices[0])
-    explain_s = _best(lambda: lrp.explain(image, queries=[best]), repeat)
+    explain_s = _best(lambda: lrp.explain(image, queries=[best], stops=adapter.default_stops), repeat)
 
     model = model.double()
     _zero_additive_constants(model)
