@@ -111,7 +111,9 @@ def test_refinements_add_up_to_the_box_and_conserve(image, init):
             session.backward(QUERIES, "refine:cx:7", ["pixels"])
         # the split of a box coordinate b = σ(u), u = anchor + Σ stages, under the identity rule: each summand
         # s gets s · b / u (closed form); the anchor's share is what the ledger books as positional
-        anchor = [e for e in session.state.ledger.entries if e.name == "sem_seg_head.predictor.box_anchor"][-1]
+        anchors = [e for e in session.state.ledger.entries if e.name == "sem_seg_head.predictor.box_anchor"]
+        assert len(anchors) == 1  # the anchor the chain starts from, booked once
+        anchor = anchors[0]
         queries = torch.tensor(QUERIES)
         for c, name in ((0, "cx"), (2, "w")):
             value = get_target(f"box:{name}")[1](session.outputs, queries, queries)

@@ -468,8 +468,11 @@ class MaskDINODecoder(nn.Module):
             # unsigmoided boxes of the selected tokens: the box head's delta on the token's grid anchor (gathered
             # before the sum: the same values, and the anchors of unselected, invalid (inf) tokens stay out)
             index = topk_proposals.unsqueeze(-1).repeat(1, 1, 4)
+            anchor = torch.gather(output_proposals, 1, index)
+            if self.initialize_box_type == "no":  # else the interim mask's box is the anchor (below)
+                anchor = self.box_anchor(anchor)
             refpoint_embed_undetach = self.proposal_delta(torch.gather(self._bbox_embed(output_memory), 1, index)) \
-                + self.box_anchor(torch.gather(output_proposals, 1, index))
+                + anchor
             refpoint_embed = refpoint_embed_undetach.detach() if self.detach_reference else refpoint_embed_undetach
             tgt_undetach = torch.gather(output_memory, 1,
                                         topk_proposals.unsqueeze(-1).repeat(1, 1, self.hidden_dim))
