@@ -291,3 +291,20 @@ def test_detr_box_targets_reach_the_pixels(target):
             rel = ((accounted - expected).abs() / expected.abs()).max().item()
             assert rel < 1e-5, f"{target} (box_logits {with_logits}): cut {cut} conserves only to {rel:.2e}"
         assert torch.all(expl.conservation["pixels"]["total"].abs() > 0)
+
+
+def test_cli_lists_and_checks_the_box_targets(tmp_path, capsys):
+    """--target help names the edges and refinements; a malformed refinement is refused before any model."""
+    from maskdino_lrp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "box:x1" in text and "refine:cx" in text and "refine:<coord>:<stage>" in text
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(image)
+    code = main(["explain", str(image), "--config", "tiny", "--target", "refine:x1", "--out", str(tmp_path / "out")])
+    assert code != 0 and not (tmp_path / "out").exists()
+    assert "unknown target 'refine:x1'" in capsys.readouterr().err
