@@ -41,7 +41,7 @@ from torch import nn
 from ..lrp.rules import DeformSteps
 from ..model import deform_attn as da
 
-__all__ = ["DEFORMABLE_ATTRIBUTES", "is_deformable", "deformable_kernel"]
+__all__ = ["DEFORMABLE_ATTRIBUTES", "is_deformable", "deformable_kernel", "deform_under_steps"]
 
 DEFORMABLE_ATTRIBUTES = ("sampling_offsets", "attention_weights", "value_proj", "output_proj",
                          "n_heads", "n_levels", "n_points", "d_model")
@@ -81,17 +81,31 @@ def deformable_kernel(module: nn.Module, steps: DeformSteps, track: Callable[...
             padded = ~attention_mask.bool() if mask_marks == "valid" else attention_mask.bool()
             value = value.masked_fill(padded[..., None], 0.0)
         value = value.view(n, len_in, module.n_heads, module.d_model // module.n_heads)
-        # the offset and weight heads read the query; under the value rules they see a constant copy
-        offsets, logits = da.sampling_offsets_and_logits(module, query if steps.query_relevance else query.detach())
-        where = place(module, reference_points, offsets, shapes).detach()  # positional: never relevance
-        weights = da.attention_softmax(module, logits)
-        if steps.constant_weights:
-            weights = weights.detach()
-        if steps.product is not None:
-            sampled = da.sample_values(value, shapes, level_start_index, where)
-            out = da.weighted_sum(sampled, weights, product=steps.product)
-        else:  # linear in the value once the weights are fixed: the plain core propagates it
-            out = da.ms_deform_attn_core(value, shapes, level_start_index, where, weights)
+        out, weights = deform_under_steps(module, steps, query, reference_points, value, shapes, level_start_index,
+                                          place)
         return module.output_proj(out), weights.detach()
 
     return forward
+
+
+def deform_under_steps(module: nn.Module, steps: DeformSteps, query: torch.Tensor, reference_points: torch.Tensor,
+                       value: torch.Tensor, spatial_shapes, level_start_index,
+                       locations: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deformable attention's output before ``output_proj`` (N, Lq, C) and its attention weights, under the
+    rule's ``steps``, from the query and the projected per-head values (N, Len_in, H, D).
+
+    The one composition of :mod:`maskdino_lrp.model.deform_attn`'s steps under a rule, shared by
+    :func:`deformable_kernel` and MaskDINO's ``MSDeformAttn`` kernel.
+    """
+    place = locations or da.sampling_locations
+    # the offset and weight heads read the query; under the value rules they see a constant copy
+    offsets, logits = da.sampling_offsets_and_logits(module, query if steps.query_relevance else query.detach())
+    where = place(module, reference_points, offsets, spatial_shapes).detach()  # positional: never relevance
+    weights = da.attention_softmax(module, logits)
+    if steps.constant_weights:
+        weights = weights.detach()
+    if steps.product is not None:
+        sampled = da.sample_values(value, spatial_shapes, level_start_index, where)
+        return da.weighted_sum(sampled, weights, product=steps.product), weights
+    # linear in the value once the weights are fixed: the plain core propagates it
+    return da.ms_deform_attn_core(value, spatial_shapes, level_start_index, where, weights), weights

@@ -13,7 +13,6 @@ from torch import nn
 
 from ..lrp.engine import EngineError, Ledger, LedgerEntry
 from ..lrp.rules import AttentionSteps, DeformSteps
-from ..model import deform_attn as da
 from ..model.backbone import BasicBlock, BottleneckBlock
 from ..model.decoder import InverseSigmoid, MaskDINODecoder, TransformerDecoder
 from ..model.deform_attn import MSDeformAttn
@@ -22,6 +21,7 @@ from ..model.maskdino import MaskDINO
 from ..model.pixel_decoder import MSDeformAttnTransformerEncoderLayer, encoder_call_inputs
 from ..model.swin import PatchMerging, SwinTransformerBlock, WindowAttention, window_attention
 from .base import Adapter, Cut, Records, StopTensor, hooks
+from .hf_deformable import deform_under_steps
 
 _PREDICTOR = "sem_seg_head.predictor"
 _SEGMENTS = (BasicBlock, BottleneckBlock, SwinTransformerBlock, PatchMerging, MSDeformAttnTransformerEncoderLayer)
@@ -40,17 +40,8 @@ def _deform_kernel(module: MSDeformAttn, steps: DeformSteps) -> Callable:
     def forward(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
                 input_padding_mask=None):
         value = module.project_values(input_flatten, input_padding_mask)
-        query_for_weights = query if steps.query_relevance else query.detach()
-        locations, weights = da.sampling_locations_and_weights(module, query_for_weights, reference_points,
-                                                              input_spatial_shapes)
-        locations = locations.detach()  # offsets and bilinear weights are positional: no relevance
-        if steps.constant_weights:
-            weights = weights.detach()
-        if steps.product is not None:
-            sampled = da.sample_values(value, input_spatial_shapes, input_level_start_index, locations)
-            out = da.weighted_sum(sampled, weights, product=steps.product)
-        else:  # linear in the value with constant weights: the plain core propagates it
-            out = da.ms_deform_attn_core(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        out, _ = deform_under_steps(module, steps, query, reference_points, value, input_spatial_shapes,
+                                    input_level_start_index)
         return module.output_proj(out)
 
     return forward
