@@ -54,6 +54,52 @@ def deformable_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def _save_tiny(folder: Path, family: str) -> Path:
+    """A tiny random Conditional DETR, DAB-DETR or YOLOS with its image processor, saved to ``folder``."""
+    import torch
+
+    torch.manual_seed(0)
+    labels = {"id2label": {0: "cat", 1: "dog", 2: "bird"}, "label2id": {"cat": 0, "dog": 1, "bird": 2}, "num_labels": 3}
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    detr_like = dict(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+                     encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                     encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=6, **labels)
+    if family == "conditional_detr":
+        model = transformers.ConditionalDetrForObjectDetection(transformers.ConditionalDetrConfig(d_model=32, **detr_like))
+    elif family == "dab_detr":
+        model = transformers.DabDetrForObjectDetection(
+            transformers.DabDetrConfig(hidden_size=32, activation_function="relu", **detr_like))
+    else:
+        model = transformers.YolosForObjectDetection(transformers.YolosConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=[64, 48],
+            patch_size=16, num_detection_tokens=6, **labels))
+    model.save_pretrained(folder)
+    transformers.DetrImageProcessorPil(size={"shortest_edge": 40, "longest_edge": 60}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,stops", [("conditional_detr", "pixels,encoder_input,memory"),
+                                          ("dab_detr", "pixels,encoder_input,memory"),
+                                          ("yolos", "pixels,encoder_input")])
+def test_explain_hf_other_detr_family_models(family, stops, images, tmp_path, capsys):
+    folder = _save_tiny(tmp_path / family, family)
+    out = tmp_path / "run"
+    args = ["explain", str(images), "--hf", str(folder), "--out", str(out), "--queries", "topk:1", "--no-progress",
+            "--composite", "conservative", "--stops", stops]
+    assert main(args) == 0
+    assert "2 image(s) explained (2 queries)" in capsys.readouterr().out
+    summary = json.loads((out / "img0.png" / "summary.json").read_text())
+    assert summary["model_class"] == type_name(family)
+    assert main(["validate", str(out)]) == 0
+
+
+def type_name(family: str) -> str:
+    return {"conditional_detr": "ConditionalDetrForObjectDetection", "dab_detr": "DabDetrForObjectDetection",
+            "yolos": "YolosForObjectDetection"}[family]
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     from PIL import Image
@@ -131,12 +177,12 @@ def test_hf_folder_without_weights(hf_dir, images, tmp_path, capsys):
 
 
 def test_hf_folder_of_a_model_type_without_adapter(hf_dir, images, tmp_path, capsys):
-    folder = tmp_path / "yolos"
+    folder = tmp_path / "grounding-dino"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "yolos"}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "grounding-dino"}))
     assert main(["explain", str(images), "--hf", str(folder), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     line = one_line_error(capsys)
-    assert "model_type 'yolos' is not one maskdino-lrp explains" in line and "deformable_detr" in line
+    assert "model_type 'grounding-dino' is not one maskdino-lrp explains" in line and "deformable_detr" in line
     assert not (tmp_path / "run").exists()
 
 

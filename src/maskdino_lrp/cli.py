@@ -284,7 +284,7 @@ HF_AUTO_CLASSES = {
     "detr": "AutoModelForObjectDetection",
     "deformable_detr": "AutoModelForObjectDetection",
     "conditional_detr": "AutoModelForObjectDetection",
-    "dab_detr": "AutoModelForObjectDetection",
+    "dab-detr": "AutoModelForObjectDetection",
     "yolos": "AutoModelForObjectDetection",
     "rt_detr": "AutoModelForObjectDetection",
     "rt_detr_v2": "AutoModelForObjectDetection",
