@@ -18,6 +18,7 @@ from maskdino_lrp.analysis.runner import BatchExplainer, collect_sources
 from maskdino_lrp.analysis.summary import CLASSES, EXPLANATIONS
 from maskdino_lrp.analysis.validate import validate
 from maskdino_lrp.cli import main
+from maskdino_lrp.model.checkpoint import shipped_weights
 
 
 def _shapes(folder: Path, n: int, seed: int = 7) -> list[Path]:
@@ -42,7 +43,8 @@ def _coco(path: Path, file_names: list[str], first_id: int = 500) -> Path:
 
 
 def _runner(out: Path, **kw) -> BatchExplainer:
-    return BatchExplainer("demo", out, queries="topk:2", formats=("csv", "npz"), progress=False, **kw)
+    return BatchExplainer("demo", out, checkpoint=shipped_weights("demo"), queries="topk:2", formats=("csv", "npz"),
+                          progress=False, **kw)
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ STORE_MIN = 80 * 2 ** 20  # below Ray's minimum (75 MiB) it refuses to start
 STORE_MAX = 2 * 2 ** 30
 
 __all__ = ["DistributedError", "Lost", "WorkerPool", "import_ray", "object_store_bytes", "ray_session",
-           "worker_threads"]
+           "worker_pool", "worker_threads"]
 
 
 class DistributedError(ValueError):
@@ -117,6 +117,7 @@ class WorkerPool:
         self.actors: list[Any] = []
         self._running: dict[Any, tuple[int, Any]] = {}  # object ref → (slot, item)
         self.lost = 0  # calls lost to dead workers
+        self.answers: list[Any] = []  # the workers' ready() answers
 
     def start(self) -> list[Any]:
         """Start every actor and wait for them; their ``ready()`` answers. A worker that fails to build
@@ -181,3 +182,32 @@ class WorkerPool:
                 self.ray.kill(actor, no_restart=True)
         self.actors = []
         self._running.clear()
+
+
+@contextlib.contextmanager
+def worker_pool(actor_class: type, init_args: Callable[[int], tuple], method: str, *, workers: int | None = None,
+                address: str | None = None, threads: int | None = None, gpus: int = 0,
+                max_workers: int | None = None) -> Iterator[WorkerPool]:
+    """A started :class:`WorkerPool` inside a :func:`ray_session`, closed on exit.
+
+    ``workers``: how many (default: the cluster's CPUs / ``threads``, or its GPUs when ``gpus``), at most
+    ``max_workers``; ``threads``: see :func:`worker_threads`, given to ``init_args(threads)`` and asked of
+    Ray as each worker's CPUs; ``gpus``: GPUs per worker. The workers' ``ready()`` answers are in
+    ``pool.answers``.
+    """
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    n = workers or 0
+    per_worker = worker_threads(n or (os.cpu_count() or 1), threads, local)
+    with ray_session(address, num_cpus=n * per_worker if local and n else None) as ray:
+        if not n:
+            resources = ray.cluster_resources()
+            n = max(1, int(resources.get("GPU", 0)) // max(1, gpus) if gpus else
+                    int(resources.get("CPU", 1)) // per_worker)
+        if max_workers:
+            n = max(1, min(n, max_workers))
+        pool = WorkerPool(actor_class, init_args(per_worker), n, method, {"num_cpus": per_worker, "num_gpus": gpus})
+        try:
+            pool.answers = pool.start()
+            yield pool
+        finally:
+            pool.close()

@@ -28,7 +28,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..distributed import Lost, WorkerPool, ray_session, worker_threads
+from ..distributed import Lost, WorkerPool, worker_pool
 from .runner import BatchExplainer, ImageResult, Source, _progress, bar_write
 
 log = logging.getLogger(__name__)
@@ -86,26 +86,14 @@ def run_on_ray(runner: BatchExplainer, inputs: Sequence[str | os.PathLike], *, w
     ``threads``: torch threads and Ray CPUs per worker (default: this machine's cores shared out, one on a
     cluster).
     """
-    local = not (address or os.environ.get("RAY_ADDRESS"))
     gpus = 1 if str(getattr(runner, "device", "cpu") or "cpu").startswith("cuda") else 0
-    n = workers or 0
-    per_worker = worker_threads(n or (os.cpu_count() or 1), threads, local)
-    with ray_session(address, num_cpus=max(n, 1) * per_worker if local and n else None) as ray:
-        if not n:
-            resources = ray.cluster_resources()
-            n = max(1, int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // per_worker)
-        pool = WorkerPool(ExplainWorker, (_worker_copy(runner), per_worker), n, "explain",
-                          {"num_cpus": per_worker, "num_gpus": gpus})
-        try:
-            answers = pool.start()
-            log.info("%d Ray worker(s) on %s", n, ", ".join(sorted({a["host"] for a in answers})))
-            for message in answers[0]["warnings"]:
-                runner._warn(message)
-            yield from runner.run(inputs, image_root=image_root,
-                                  execute=lambda manifest, sources: _execute(runner, pool, manifest, sources,
-                                                                             max_attempts))
-        finally:
-            pool.close()
+    with worker_pool(ExplainWorker, lambda per_worker: (_worker_copy(runner), per_worker), "explain",
+                     workers=workers, address=address, threads=threads, gpus=gpus) as pool:
+        log.info("%d Ray worker(s) on %s", len(pool.actors), ", ".join(sorted({a["host"] for a in pool.answers})))
+        for message in pool.answers[0]["warnings"]:
+            runner._warn(message)
+        yield from runner.run(inputs, image_root=image_root,
+                              execute=lambda manifest, sources: _execute(runner, pool, manifest, sources, max_attempts))
 
 
 def _execute(runner: BatchExplainer, pool: WorkerPool, manifest: dict, sources: Sequence[Source],

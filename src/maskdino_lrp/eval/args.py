@@ -57,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate-only", action="store_true",
                    help="evaluate nothing; write the tables of the images done so far (e.g. while shards run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="evaluate on N Ray workers (Ray started here, or joined with --ray-address / RAY_ADDRESS) "
+                        "into the same resumable store; needs pip install maskdino-lrp[ray]")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (workers default to its CPUs, its GPUs with --device cuda)")
     return p
 
 
@@ -88,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(
             args.config, args.checkpoint, args.images, args.seed, args.out, methods=methods, steps=args.steps,
             progress=not args.quiet, shard=_parse_shard(args.shard), resume=not args.no_resume,
+            workers=args.workers, ray_address=args.ray_address, threads=args.threads,
             units=_split(args.units), aggregate_only=args.aggregate_only,
             max_fraction=args.max_fraction, replacements=_split(args.replacements), blur_sigma=args.blur_sigma,
             batch_size=args.batch_size, image_size=args.image_size,

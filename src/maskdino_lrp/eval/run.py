@@ -15,11 +15,13 @@ over pairs, paired comparisons against lrp-default and the methods' rank stabili
 replacements (:mod:`.stats`). Each image's results are kept in a resumable store (:mod:`.parts`);
 the outputs are written by :mod:`.report`; the command line is :mod:`.args`.
 
-Cost: perturbed forwards dominate. Per pair, unit and replacement the curves take 2 + (methods + 1)
+Cost: perturbed forwards dominate. Per pair, unit and replacement the curves take at most (methods + 1)
 · 2 · (steps − 1) forwards over the whole range (LIF reuses insertion's images; + 1 per order on an
-odd number of tokens), 2 + (methods + 1) · 3 · steps when ``max_fraction`` < 1; D-RISE adds 2 ·
-``n_masks`` per image (the timed call and the memory call). On the 2-core CPU machine a forward of
-the demo model takes about 45 ms; summary.md reports the run's own seconds and forwards per pair.
+odd number of tokens; orders that replace the same set at a step share its image), (methods + 1) · 3 ·
+steps when ``max_fraction`` < 1; per image, unit and replacement one more for the neutral input (the
+start is the image's clean forward). D-RISE adds 2 · ``n_masks`` per image (the timed call and the
+memory call). On the 2-core CPU machine a forward of the demo model takes about 45 ms;
+summary.md reports the run's own seconds and forwards per pair.
 
 Outputs in ``out_dir`` (each written atomically): ``results.md`` and ``results.csv`` (method ×
 metric × replacement: mean, CI, N), ``paired.csv``, ``stability.md`` / ``stability.csv``,
@@ -94,7 +96,8 @@ def _progress(iterable: Iterable, enabled: bool) -> Any:
 def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int = 20, seed: int = 1,
              out_dir: str | Path = "eval_out", methods: Sequence[str] | None = None, steps: int = 20,
              progress: bool = True, model: Any = None, shard: tuple[int, int] | None = None, resume: bool = True,
-             aggregate_only: bool = False, **options: Any) -> dict[str, Any]:
+             aggregate_only: bool = False, workers: int | None = None, ray_address: str | None = None,
+             threads: int | None = None, **options: Any) -> dict[str, Any]:
     """Run the comparison and write the tables, curves and summary to ``out_dir``; returns the results.
 
     ``options`` are further :class:`EvalSettings` fields (replacements, image_size, score_threshold, …).
@@ -104,9 +107,10 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
     the images with ``index % n == i`` so n processes can share a run; every process aggregates all
     the images done so far, so the one that finishes last writes the complete table;
     ``aggregate_only`` evaluates nothing and writes the tables of what is there (a progress report).
+    ``workers`` / ``ray_address`` evaluate the images on Ray workers (:mod:`.distributed`; ``threads``
+    per worker) into the same store.
     """
     from .. import build_model
-    from ..data.shapes import ShapesConfig
 
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
@@ -130,6 +134,7 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
     out = Path(out_dir)
     notes: list[str] = [f"`{m}` skipped: {why}" for m, why in skipped.items()]
 
+    model_given = model is not None  # else workers build their own from the config
     if model is None:
         if settings.checkpoint is None and shipped_weights(settings.config) is not None:
             settings.checkpoint = str(shipped_weights(settings.config))  # a preset that ships weights uses them
@@ -145,18 +150,29 @@ def evaluate(config: str = "demo", checkpoint: str | None = None, n_images: int 
     todo = [] if aggregate_only else [i for i in indices if not (resume and parts.has(i))]
     if len(todo) < len(indices):
         log.info("resuming: %d of %d images already done in %s", len(indices) - len(todo), len(indices), parts.folder)
-    if todo:
-        model = model.to(settings.device).eval()
-        context = ImageContext(settings, model, _random_model(settings) if settings.randomisation else None,
-                               {name: get_method(name, **settings.method_options.get(name, {}))
-                                for name in settings.methods},
-                               ShapesConfig(image_size=settings.image_size))
+    if todo and (workers or ray_address):
+        from .distributed import evaluate_on_ray
+
+        notes.extend(evaluate_on_ray(settings, model if model_given else None, todo, parts, workers=workers,
+                                     address=ray_address, threads=threads, progress=progress))
+    elif todo:
+        context = image_context(settings, model)
         bar = _progress(todo, progress)
         for index in bar:
             parts.write(index, _evaluate_image(index, context))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(pairs=context.n_pairs)
     return _collect(out, settings, parts, notes)
+
+
+def image_context(settings: EvalSettings, model: Any) -> ImageContext:
+    """What every image's evaluation shares: the model on its device, the randomised model, the methods."""
+    from ..data.shapes import ShapesConfig
+
+    model = model.to(settings.device).eval()
+    return ImageContext(settings, model, _random_model(settings) if settings.randomisation else None,
+                        {name: get_method(name, **settings.method_options.get(name, {})) for name in settings.methods},
+                        ShapesConfig(image_size=settings.image_size))
 
 
 def _collect(out: Path, settings: EvalSettings, parts: PartStore, notes: list[str]) -> dict[str, Any]:
