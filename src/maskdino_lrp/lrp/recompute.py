@@ -9,8 +9,8 @@ needs them (one segment at a time), then freed again.
 
 The rules must be the same during the recompute as in the forward, although the backward usually runs after
 :func:`~.engine.lrp_mode` has restored the model: each call of a segment snapshots what the LRP mode set inside
-it — the modules' rule ``forward``s, their parameter objects (folded batch norms) and the parameters'
-``requires_grad`` — and the recompute runs under that snapshot, with the ledger's new entries discarded (the
+it — the modules' rule ``forward``s, their parameter objects (folded batch norms), the parameters'
+``requires_grad`` and the torch-function modes around the forward — and the recompute runs under that snapshot, with the ledger's new entries discarded (the
 forward's leaves are the ones the backward reaches). So the relevance is bit-identical to a run that keeps
 the graph; torch's determinism check compares the recomputed tensors' shapes and dtypes as well.
 
@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
 from .engine import EngineError, Ledger
@@ -54,6 +55,7 @@ class _State:
     forwards: list[tuple[nn.Module, Callable | None]]
     parameters: list[tuple[nn.Module, dict[str, Any]]]
     flags: list[tuple[torch.Tensor, bool]]
+    modes: list[Any]  # torch-function modes active around the forward (they may change what ops save)
 
 
 def _state(root: nn.Module) -> _State:
@@ -63,6 +65,7 @@ def _state(root: nn.Module) -> _State:
         forwards=[(m, m.__dict__.get("forward")) for m in inner],
         parameters=[(m, dict(m._parameters)) for m in modules],
         flags=[(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None],
+        modes=list(_get_current_function_mode_stack()),
     )
 
 
@@ -86,7 +89,12 @@ def _replaying(root: nn.Module, snapshot: _State, ledger: Ledger) -> Iterator[No
     ledger.entries = []  # the recompute books fresh leaves the backward never reaches: not entries
     try:
         _apply(snapshot)
-        yield
+        with contextlib.ExitStack() as stack:
+            # a mode is off inside its own handler (e.g. when it intercepted the autograd call): enter it again
+            for mode in snapshot.modes:
+                if not any(mode is active for active in _get_current_function_mode_stack()):
+                    stack.enter_context(mode)
+            yield
     finally:
         ledger.entries = entries
         _apply(current)
