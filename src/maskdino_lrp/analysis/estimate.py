@@ -358,7 +358,8 @@ def _segment_counts(s: Shapes) -> dict[str, int]:
                 cin, hw_in = c, hw
     layer = t * (10 * d + 2 * s.enc_ffn + 6 * s.heads * s.num_levels * s.points) \
         + 8 * s.num_levels * t * s.heads * s.points
-    return {"kept": kept, "inputs": sum(i for i, _ in blocks), "encoder_inputs": (s.enc_layers + 1) * t * d if s.enc_layers else 0,
+    encoder_inputs = (s.enc_layers + 1) * t * d if s.enc_layers else 0
+    return {"kept": kept, "inputs": sum(i for i, _ in blocks), "encoder_inputs": encoder_inputs,
             "block": max((a for _, a in blocks), default=0), "layer": layer if s.enc_layers else 0}
 
 

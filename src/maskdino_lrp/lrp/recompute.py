@@ -10,9 +10,10 @@ needs them (one segment at a time), then freed again.
 The rules must be the same during the recompute as in the forward, although the backward usually runs after
 :func:`~.engine.lrp_mode` has restored the model: each call of a segment snapshots what the LRP mode set inside
 it — the modules' rule ``forward``s, their parameter objects (folded batch norms), the parameters'
-``requires_grad`` and the torch-function modes around the forward — and the recompute runs under that snapshot, with the ledger's new entries discarded (the
-forward's leaves are the ones the backward reaches). So the relevance is bit-identical to a run that keeps
-the graph; torch's determinism check compares the recomputed tensors' shapes and dtypes as well.
+``requires_grad`` and the torch-function modes around the forward — and the recompute runs under that
+snapshot, with the ledger's new entries discarded (the forward's leaves are the ones the backward reaches).
+So the relevance is bit-identical to a run that keeps the graph; torch's determinism check compares the
+recomputed tensors' shapes and dtypes as well.
 
 Forward hooks inside a segment (an adapter's stop records, booked constants) cannot be replayed without
 their side effects, so a segment containing one is refused; hooks on the segment module itself run outside
