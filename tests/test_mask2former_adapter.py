@@ -272,6 +272,19 @@ def test_segmentation_targets_need_the_class_activation():
         get_target("semantic")[1](outputs, torch.tensor([0]), torch.tensor([0]))
 
 
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_recompute_gives_the_same_relevance(image, backbone):
+    """LRP(recompute=True) recomputes the backbone blocks (the adapter's segments) in the backward: the same
+    relevance, bit for bit, as keeping their forward graph."""
+    model = tiny_mask2former(7, backbone)
+    stops = ["pixels", "backbone", "memory"]
+    kept = LRP(model).explain(image, queries="topk:2", target="mask", stops=stops)
+    again = LRP(model, recompute=True).explain(image, queries="topk:2", target="mask", stops=stops)
+    assert kept.relevance.keys() == again.relevance.keys()
+    assert all(torch.equal(kept.relevance[k], again.relevance[k]) for k in kept.relevance)
+    assert len(Mask2FormerAdapter().segments(model)) > 0
+
+
 def test_segmentation_targets_refuse_the_no_object_class(image):
     model = tiny_mask2former()
     logits, _ = plain_outputs(model, image)

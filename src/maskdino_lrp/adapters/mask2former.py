@@ -35,6 +35,8 @@ from .hf_deformable import deformable_kernel, is_deformable
 
 _SWIN = "transformers.models.swin.modeling_swin"
 _BACKBONES = ("ResNetBackbone", "SwinBackbone")
+# the repeated blocks that hold most of the forward graph (LRP(recompute=True) recomputes them one at a time)
+_SEGMENTS = ("ResNetBasicLayer", "ResNetBottleNeckLayer", "SwinLayer", "SwinPatchMerging")
 _BACKBONE = "model.pixel_level_module.encoder."
 _PIXEL_DECODER = "model.pixel_level_module.decoder."
 _MASK_EQUATION = "bqc,bchw->bqhw"  # the mask predictor's product: mask embeddings × pixel embeddings
@@ -130,6 +132,10 @@ class Mask2FormerAdapter(HFDetectionAdapter):
         if kind == "deform_attn" and is_deformable(module):
             return deformable_kernel(module, steps, track, mask_marks="padding")
         return None
+
+    def segments(self, model):
+        return [name for name, m in model.named_modules() if type(m).__name__ in _SEGMENTS
+                and type(m).__module__.startswith("transformers.models.")]
 
     @contextlib.contextmanager
     def connect(self, model: nn.Module) -> Iterator[None]:
