@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.overrides import TorchFunctionMode
+
 from .canonizers import BatchNormFold
 from .composites import Composite, get_composite, module_kind
 from .rules import PixelInput, Rule
@@ -233,6 +235,87 @@ _FORWARDS: dict[str, Callable[[nn.Module, Rule, _Patch], Callable]] = {
 _PLAIN = {"linear": nn.Linear, "conv": nn.Conv2d}  # kinds whose subclasses may add steps to the forward
 
 
+# ----------------------------------------------------------------------------- smaller autograd records
+_RELU = {F.relu, torch.relu, torch.Tensor.relu}
+_RELU_INPLACE = {F.relu_, torch.relu_, torch.Tensor.relu_}
+_CONV = {F.conv2d, torch.conv2d}
+_MAX_POOL = {F.max_pool2d, getattr(F, "_max_pool2d", F.max_pool2d), torch.max_pool2d}
+
+
+def _masked_relu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """ReLU whose backward keeps a one-byte mask (x > 0), not the float output torch's ReLU keeps.
+
+    Same value and gradient (zero where x <= 0, also at 0); a quarter of ReLU's share of the graph.
+    """
+    drop = x <= 0  # NaN stays NaN, as in torch's ReLU
+    return x.masked_fill_(drop, 0.0) if inplace else x.masked_fill(drop, 0.0)
+
+
+@dataclass(frozen=True)
+class _ShapeOf:
+    """A saved tensor of which the backward reads only the shape (dtype, device)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _pack_shape_of(x: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    def pack(t: torch.Tensor) -> object:
+        same = t.dtype == x.dtype and t.shape == x.shape and t.device == x.device and t.data_ptr() == x.data_ptr()
+        return _ShapeOf(t.shape, t.dtype, t.device) if same else t
+
+    return pack
+
+
+def _unpack_shape_of(saved: object) -> torch.Tensor:
+    if isinstance(saved, _ShapeOf):  # stride-0 zeros: the shape without the memory
+        return torch.zeros((), dtype=saved.dtype, device=saved.device).expand(saved.shape)
+    return saved
+
+
+def _input_shape_only(func: Callable, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``func(*args, **kwargs)`` keeping only the shape of ``x`` for the backward (which reads nothing else)."""
+    with torch.autograd.graph.saved_tensors_hooks(_pack_shape_of(x), _unpack_shape_of):
+        return func(*args, **kwargs)
+
+
+class _CompactSaves(TorchFunctionMode):
+    """Within it, ops that autograd would record with a large saved tensor record a smaller one instead.
+
+    Only the input gradient is ever computed in LRP mode (weights take no gradient), so a convolution's
+    backward needs its weight, not its input, and a max-pool's its indices; torch saves the inputs anyway
+    (one backward formula for all of an op's inputs). ReLU saves its float output; a one-byte mask does.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor) \
+                or not args[0].requires_grad:
+            return func(*args, **kwargs)
+        x = args[0]
+        if func in _CONV:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(weight, torch.Tensor) and not weight.requires_grad:
+                return _input_shape_only(func, x, args, kwargs)
+        elif func in _MAX_POOL:
+            return _input_shape_only(func, x, args, kwargs)
+        elif (func in _RELU or func in _RELU_INPLACE) and x.is_floating_point():
+            inplace = func in _RELU_INPLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            return _masked_relu(x, inplace)
+        return func(*args, **kwargs)
+
+
+def compact_saves() -> contextlib.AbstractContextManager:
+    """Autograd records for the LRP forward: same values and gradients, smaller saved tensors.
+
+    Convolutions and max-pools keep only their input's shape, ReLUs a one-byte mask. Enter it around the
+    LRP forward and around every backward that may recompute parts of the forward (:mod:`.recompute`), so
+    that a recompute saves what the forward saved.
+    """
+    return _CompactSaves()
+
+
 # ----------------------------------------------------------------------------- the context
 @dataclass
 class LRPState:
@@ -243,14 +326,17 @@ class LRPState:
 
 
 def _free_parameters(model: nn.Module, skip: set[int], kind_of: Callable[[str, nn.Module], str | None]
-                     ) -> list[tuple[str, nn.Parameter]]:
-    """Parameters used directly (not through a patched module): level embeddings, query embeddings."""
+                     ) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+    """Parameters used directly (not through a patched module): level embeddings, query embeddings.
+
+    One (qualified name, module, attribute name, parameter) per module that holds one.
+    """
     out = []
     for mod_name, module in model.named_modules():
         if id(module) in skip or kind_of(mod_name, module) is not None or _is_frozen_norm(module):
             continue
         for p_name, param in module.named_parameters(recurse=False):
-            out.append((f"{mod_name}.{p_name}" if mod_name else p_name, param))
+            out.append((f"{mod_name}.{p_name}" if mod_name else p_name, module, p_name, param))
     return out
 
 
@@ -284,6 +370,7 @@ def lrp_mode(model: nn.Module, composite: str | Composite = "default", pixels: P
     linear_rule = composite.by_kind.get("linear") or Rule("epsilon")
     canonizer = BatchNormFold(adapter.batchnorm_pairs(model))
     patched: list[nn.Module] = []
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     flags = {id(p): p.requires_grad for p in model.parameters()}
 
     def kind_of(name: str, module: nn.Module) -> str | None:
@@ -309,17 +396,24 @@ def lrp_mode(model: nn.Module, composite: str | Composite = "default", pixels: P
                 state.rules[name] = rule
             skip = {id(m) for m in patched} | {id(m) for m in canonizer.norms}
             free = _free_parameters(model, skip, kind_of)
-            free_ids = {id(p) for _, p in free}
             for param in model.parameters():
                 # weights need no gradient: only relevance is computed, and the forward keeps less
-                param.requires_grad_(id(param) in free_ids)
-            for pname, param in free:
-                state.ledger.add("embeddings", pname, param)
+                param.requires_grad_(False)
+            for pname, module, attr, param in free:
+                # a leaf of its own (same storage) stands in for the parameter: the ledger reads its gradient
+                # also after the model's flags are restored (e.g. a model frozen with requires_grad_(False))
+                leaf = nn.Parameter(param.detach(), requires_grad=True)
+                module._parameters[attr] = leaf
+                swapped.append((module, attr, param))
+                state.ledger.add("embeddings", pname, leaf)
             stack.enter_context(adapter.connect(model))
+            stack.enter_context(compact_saves())
             log.debug("LRP mode: %d modules patched, %d free parameters", len(patched), len(free))
             yield state
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
+        for module, attr, param in reversed(swapped):
+            module._parameters[attr] = param
         for param in model.parameters():
             param.requires_grad_(flags.get(id(param), True))

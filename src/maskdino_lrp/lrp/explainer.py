@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .composites import Composite, get_composite
-from .engine import LEDGER_CATEGORIES, EngineError, LedgerEntry, LRPState, lrp_mode
+from .engine import LEDGER_CATEGORIES, EngineError, LedgerEntry, LRPState, compact_saves, lrp_mode
 from .explanation import Explanation, Level
 from .recompute import recompute_segments, segment_names
 from .rules import PixelInput, stabilize
@@ -230,6 +230,16 @@ def _check_stops(stops: Sequence[str] | str, allowed: Sequence[str] = STOPS) -> 
     return tuple(stops)
 
 
+def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor], rows: torch.Tensor, keep: bool,
+           batch_mode: str) -> list[torch.Tensor | None]:
+    """Gradients (len(rows), *input.shape) of ``outputs`` seeded by each row, by one batched or one plain backward."""
+    if batch_mode == "loop":
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs=rows[0], retain_graph=keep, allow_unused=True)
+        return [None if g is None else g[None] for g in grads]
+    return list(torch.autograd.grad(outputs, inputs, grad_outputs=rows, is_grads_batched=True,
+                                    retain_graph=keep, allow_unused=True))
+
+
 def _batched_relevance(outputs: torch.Tensor, seeds: torch.Tensor, probes: list[_Probe], chunk_size: int | None,
                        retain_graph: bool = False, batch_mode: str = "vmap") -> list[dict[str, torch.Tensor]]:
     """Relevance (gradient × input) at every probe for each row of ``seeds`` (K, *outputs.shape), reduced.
@@ -246,12 +256,8 @@ def _batched_relevance(outputs: torch.Tensor, seeds: torch.Tensor, probes: list[
     for begin in range(0, k, chunk):
         rows = seeds[begin: begin + chunk]
         keep = retain_graph or begin + chunk < k
-        if batch_mode == "loop":
-            grads = torch.autograd.grad(outputs, inputs, grad_outputs=rows[0], retain_graph=keep, allow_unused=True)
-            grads = [None if g is None else g[None] for g in grads]
-        else:
-            grads = torch.autograd.grad(outputs, inputs, grad_outputs=rows, is_grads_batched=True,
-                                        retain_graph=keep, allow_unused=True)
+        with compact_saves():  # a recomputed segment must save what the forward saved
+            grads = _grads(outputs, inputs, rows, keep, batch_mode)
         for probe, parts, x, g in zip(probes, pieces, inputs, grads):
             if g is None:
                 g = torch.zeros((rows.shape[0], *x.shape), dtype=x.dtype, device=x.device)
