@@ -35,6 +35,7 @@ examples:
   maskdino-lrp explain street.jpg --config maskdino_r50_3s_coco --checkpoint model_final.pth --out runs/street
   maskdino-lrp explain images/ --config tiny --queries thr:0.5 --stops pixels,encoder_input,memory --out runs/a
   maskdino-lrp explain images/ --hf ./detr-resnet-50 --queries topk:3 --out runs/detr   (save_pretrained folder)
+  maskdino-lrp explain annotations/instances_val2017.json --config demo --workers 4 --out runs/val   (Ray, here)
 
 Each image gets a folder under --out with, per explained query, token CSVs (level,y,x,relevance,raw;
 relevance sums to 1), per-layer totals, raw arrays (.npz), metadata JSON and PNG overlays; the run

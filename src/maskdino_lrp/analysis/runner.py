@@ -16,6 +16,12 @@ complete and whose file is unchanged; an image folder left incomplete by an inte
 and redone, so a resumed run ends with exactly the files of an uninterrupted one. A manifest of the
 first format (keyed by output name) is taken over image by image, matched by source path.
 
+Per image the run plans (:meth:`BatchExplainer.plan_image`: skip, or reserve the output name), explains
+(:meth:`BatchExplainer.attempt_image`) and books the answer (:meth:`BatchExplainer.record_image`); the
+distributed run (:mod:`.distributed`) does the same steps with the explaining on Ray workers, so both write
+the same files. Inputs may also be data-set files (a COCO annotation ``.json``, a ``.txt`` list of paths:
+:mod:`.datasets`); the run ends with ``report.html`` and the data-set summary (:mod:`.summary`).
+
 One run per folder: :class:`RunLock` (``.maskdino-lrp.lock``, the owner's pid and host); a second run
 into the same folder refuses, a lock left by a killed run is taken over. A bad image (unreadable, too
 small, …) is reported on stderr and in the manifest and skipped; it never stops the run.
