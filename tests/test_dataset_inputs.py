@@ -164,6 +164,15 @@ def test_bad_data_set_files_are_one_line_errors(tmp_path, capsys, case, fragment
     assert not (tmp_path / "out").exists()
 
 
+def test_workers_without_ray_is_one_line_error(tmp_path, capsys, monkeypatch):
+    image = _shapes(tmp_path / "imgs", 1)[0]
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: import ray raises ImportError
+    code = main(["explain", str(image), "--config", "demo", "--workers", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "need Ray: pip install maskdino-lrp[ray]" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_npz_bytes_do_not_depend_on_the_time(monkeypatch):
     """np.savez stamps each member with the current time; the exported .npz does not (same arrays, same
     bytes, any day), and reads back exactly."""

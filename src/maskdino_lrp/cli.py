@@ -217,6 +217,10 @@ def _cmd_explain(args) -> int:
         raise CliError(f"unknown output format {(bad or [''])[0]!r}; choose from {', '.join(FORMATS)} or all")
     options = LRPOptions(chunk_size=args.chunk_size, stops=args.stops, keep_channels=args.keep_channels,
                          dtype=args.dtype, memory_budget_gb=args.memory_budget, recompute=args.recompute)
+    if _distributed(args):
+        from .distributed import import_ray
+
+        import_ray()  # a missing Ray is one line, before any folder is made
     if args.hf is not None:
         return _explain_hf(args, options, formats)
     check_instance_task(load_config(args.config), warn=False, source=args.config)  # before any work
