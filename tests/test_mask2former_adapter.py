@@ -274,15 +274,17 @@ def test_segmentation_targets_need_the_class_activation():
 
 @pytest.mark.parametrize("backbone", ["resnet", "swin"])
 def test_recompute_gives_the_same_relevance(image, backbone):
-    """LRP(recompute=True) recomputes the backbone blocks (the adapter's segments) in the backward: the same
-    relevance, bit for bit, as keeping their forward graph."""
+    """LRP(recompute=True) recomputes the backbone blocks and the encoder layers (the adapter's segments) in the
+    backward: the same relevance, bit for bit, as keeping their forward graph."""
     model = tiny_mask2former(7, backbone)
     stops = ["pixels", "backbone", "memory"]
     kept = LRP(model).explain(image, queries="topk:2", target="mask", stops=stops)
     again = LRP(model, recompute=True).explain(image, queries="topk:2", target="mask", stops=stops)
     assert kept.relevance.keys() == again.relevance.keys()
     assert all(torch.equal(kept.relevance[k], again.relevance[k]) for k in kept.relevance)
-    assert len(Mask2FormerAdapter().segments(model)) > 0
+    segments = Mask2FormerAdapter().segments(model)
+    assert any(name.startswith("model.pixel_level_module.decoder.encoder.layers.") for name in segments)
+    assert any(name.startswith("model.pixel_level_module.encoder.") for name in segments)
 
 
 def test_segmentation_targets_refuse_the_no_object_class(image):

@@ -35,8 +35,10 @@ from .hf_deformable import deformable_kernel, is_deformable
 
 _SWIN = "transformers.models.swin.modeling_swin"
 _BACKBONES = ("ResNetBackbone", "SwinBackbone")
-# the repeated blocks that hold most of the forward graph (LRP(recompute=True) recomputes them one at a time)
-_SEGMENTS = ("ResNetBasicLayer", "ResNetBottleNeckLayer", "SwinLayer", "SwinPatchMerging")
+# the repeated blocks that hold most of the forward graph (LRP(recompute=True) recomputes them one at a time):
+# backbone blocks and the pixel decoder's encoder layers
+_SEGMENTS = ("ResNetBasicLayer", "ResNetBottleNeckLayer", "SwinLayer", "SwinPatchMerging",
+             "Mask2FormerPixelDecoderEncoderLayer")
 _BACKBONE = "model.pixel_level_module.encoder."
 _PIXEL_DECODER = "model.pixel_level_module.decoder."
 _MASK_EQUATION = "bqc,bchw->bqhw"  # the mask predictor's product: mask embeddings × pixel embeddings
