@@ -5,6 +5,7 @@ A tiny random ``Mask2FormerForUniversalSegmentation`` (transformers ResNet or Sw
 weights) in float64. Tolerances: the conservative composite's ε = 1e-9 stabilisers (and the identity rule's, in the
 semantic and panoptic targets) leave residuals of order 1e-8 … 1e-6 relative; 1e-5 is asserted as the brief asks.
 """
+import contextlib
 import logging
 
 import numpy as np
@@ -65,6 +66,20 @@ def plain_outputs(model, image):
     return out.class_queries_logits[0], out.masks_queries_logits[0]
 
 
+@contextlib.contextmanager
+def cross_attention_masks(model):
+    """The boolean masks the decoder's masked cross-attentions receive (True: not attended), one per layer."""
+    masks = []
+    handles = [layer.cross_attn.register_forward_pre_hook(lambda _m, _a, kw: masks.append(kw["attn_mask"]),
+                                                          with_kwargs=True)
+               for layer in model.model.transformer_module.decoder.layers]
+    try:
+        yield masks
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def reference_target(target, logits, masks, queries, labels):
     """The explained value from a plain forward's outputs, computed here without the targets module."""
     probs, sig = logits.softmax(-1)[:, :-1], masks.sigmoid()
@@ -97,12 +112,19 @@ def test_adapter_is_found_and_classifies_the_modules():
         adapter.check(decoder)
 
 
-def test_lrp_forward_computes_the_plain_values(image):
-    """Rules change only the backward: logits and masks (and so the masked-attention selections, thresholded
-    from each layer's predicted masks) are those of the untouched model."""
-    model = tiny_mask2former(5)
-    logits, masks = plain_outputs(model, image)
-    session = LRP(model, composite="default").prepare(image)
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_lrp_forward_computes_the_plain_values(image, backbone):
+    """Rules change only the backward: logits and masks, and the masked-attention selections thresholded from
+    each layer's predicted masks, are those of the untouched model."""
+    model = tiny_mask2former(5, backbone)
+    zero_additive_constants(model)  # (with biases, this tiny model's masks select every key)
+    with cross_attention_masks(model) as plain_selection:
+        logits, masks = plain_outputs(model, image)
+    with cross_attention_masks(model) as lrp_selection:
+        session = LRP(model, composite="default").prepare(image)
+    assert all(0 < m.float().mean() < 1 for m in plain_selection)  # the masks select: some keys, not all
+    assert len(lrp_selection) == len(plain_selection)
+    assert all(torch.equal(a, b) for a, b in zip(lrp_selection, plain_selection))
     assert torch.allclose(session.outputs["pred_logits"][0], logits, rtol=1e-12, atol=1e-12)
     assert torch.allclose(session.outputs["pred_masks"][0], masks, rtol=1e-12, atol=1e-12)
     session.cleanup()
@@ -120,7 +142,9 @@ def test_zero_bias_conservation_with_attention_as_constant(image, target, backbo
         probs = logits.softmax(-1)[:, :-1]
         owner = (probs.max(-1).values[:, None, None] * masks.sigmoid()).argmax(0)
         queries = owner.unique().tolist()[:3]
-    expl = LRP(model, composite="conservative").explain(image, queries=queries, target=target, stops=CUT_STOPS)
+    with cross_attention_masks(model) as selection:
+        expl = LRP(model, composite="conservative").explain(image, queries=queries, target=target, stops=CUT_STOPS)
+    assert any(m.any() for m in selection)  # the masked attention masks something
     queries, labels = expl.queries.tolist(), expl.labels.tolist()
     reference = reference_target(target, logits, masks, queries, labels)
     assert torch.allclose(expl.target_values, reference, rtol=1e-10, atol=0)
