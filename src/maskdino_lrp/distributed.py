@@ -77,12 +77,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    common = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
+    common = {"log_to_driver": True, "logging_level": logging.WARNING}
     try:
         if address:
             ray.init(address=address, **common)
         else:
-            ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes(), **common)
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes(), include_dashboard=False, **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise DistributedError(f"cannot start {where}: {' '.join(str(exc).split())[:300]}") from None
