@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="targets per batched backward (default: %(default)s)")
     p.add_argument("--memory-budget", type=_positive_float, metavar="GB",
                    help="lower the chunk size so that the memory estimate fits this budget")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32",
+                   help="compute dtype; bfloat16/float16 run the forward under autocast and the relevance backward in "
+                   "its dtypes, the conservation report shows the cost (default: %(default)s)")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--keep-channels", action="store_true", help="also keep per-channel token relevance (in the .npz)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute backbone blocks and encoder layers in the backward instead of keeping their forward "
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="image seed (default: a fresh one, printed)")
     p.add_argument("--top", type=_positive_int, default=3, help="detections to explain (default: %(default)s)")
     p.add_argument("--composite", default="default", help="LRP composite (default: %(default)s)")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="bfloat16/float16: forward under autocast, relevance backward in its dtypes (default: %(default)s)")
     return parser
 
 
@@ -216,7 +222,8 @@ def _cmd_explain(args) -> int:
     if bad or not formats:
         raise CliError(f"unknown output format {(bad or [''])[0]!r}; choose from {', '.join(FORMATS)} or all")
     options = LRPOptions(chunk_size=args.chunk_size, stops=args.stops, keep_channels=args.keep_channels,
-                         dtype=args.dtype, memory_budget_gb=args.memory_budget, recompute=args.recompute)
+                         dtype=args.dtype, memory_budget_gb=args.memory_budget, recompute=args.recompute,
+                         device=args.device)
     if _distributed(args):
         from .distributed import import_ray
 
@@ -447,7 +454,7 @@ def _cmd_demo(args) -> int:
     from .lrp.composites import get_composite
 
     get_composite(args.composite)  # an unknown name is a one-line error before any work
-    demo.run(args.out, seed=args.seed, top=args.top, composite=args.composite)
+    demo.run(args.out, seed=args.seed, top=args.top, composite=args.composite, device=args.device, dtype=args.dtype)
     return 0
 
 

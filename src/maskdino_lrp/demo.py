@@ -27,8 +27,12 @@ def load_demo_model(weights: str | Path | None = None):
 
 
 def run(out_dir: str | Path = "demo-output", seed: int | None = None, top: int = 3,
-        weights: str | Path | None = None, composite: str = "default") -> Path:
-    """Generate an image, detect, explain the top detections, write overlays, CSVs and report.html."""
+        weights: str | Path | None = None, composite: str = "default", device: str = "cpu",
+        dtype: str = "float32") -> Path:
+    """Generate an image, detect, explain the top detections, write overlays, CSVs and report.html.
+
+    ``device`` / ``dtype``: where and in which precision the explanation runs (see :class:`~maskdino_lrp.lrp.LRP`).
+    """
     from PIL import Image
 
     from .analysis.export import save_explanation
@@ -49,8 +53,8 @@ def run(out_dir: str | Path = "demo-output", seed: int | None = None, top: int =
     print(f"image: {out / (image_name + '.png')} (seed {seed}; ground truth: {truth})")
     detections = model.predict(sample.image)
     print(detections if len(detections) <= 8 else "\n".join(str(detections).splitlines()[:9]))
-    expl = LRP(model, composite=composite).explain(sample.image, queries=f"topk:{top}", target="class",
-                                                   stops=DEMO_STOPS)
+    lrp = LRP(model, composite=composite, device=device, dtype=None if dtype == "float32" else dtype)
+    expl = lrp.explain(sample.image, queries=f"topk:{top}", target="class", stops=DEMO_STOPS)
     save_explanation(expl, out, image_name, extra=model.weights_info())  # random_weights in summary.json and report
     report = write_report(out)
     print("\nconservation (target = relevance at the cut + bias + embeddings + positional + residual):")

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST_VERSION = 2  # 2: images keyed by source (1: by output name, handed out in scan order)
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 class RunError(ValueError):
@@ -67,7 +67,9 @@ class LRPOptions:
     - ``chunk_size``: targets per batched backward (None: all at once);
     - ``stops``: where relevance is kept (see :data:`maskdino_lrp.lrp.STOPS`);
     - ``keep_channels``: also keep per-channel relevance of token / query stops (large);
-    - ``dtype``: ``float32`` or ``float64`` (the model is converted; twice the memory);
+    - ``dtype``: ``float32`` or ``float64`` (the model is converted; twice the memory), or ``bfloat16`` /
+      ``float16`` (the forward under autocast, the backward in its dtypes; the conservation report shows the cost);
+    - ``device``: where the model and the relevance computation run (``cpu``, ``cuda``, ``cuda:1`` …);
     - ``memory_budget_gb``: cap the chunk size so that the estimate (:mod:`.estimate`) fits;
     - ``recompute``: recompute the adapter's segments in the backward instead of keeping their forward graph
       (same relevance, less memory, one more forward of them per target; :mod:`maskdino_lrp.lrp.recompute`).
@@ -79,6 +81,7 @@ class LRPOptions:
     dtype: str = "float32"
     memory_budget_gb: float | None = None
     recompute: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         from ..lrp.explainer import STOPS
@@ -699,8 +702,10 @@ class BatchExplainer:
         if self._lrp is None:
             from ..lrp.explainer import LRP
 
+            half = self.options.dtype if self.options.dtype in ("bfloat16", "float16") else None
             self._lrp = LRP(self.model, composite=self.composite, chunk_size=self.options.chunk_size,
-                            keep_channels=self.options.keep_channels, recompute=self.options.recompute)
+                            keep_channels=self.options.keep_channels, recompute=self.options.recompute,
+                            device=self.options.device, dtype=half)
         return self._lrp
 
     def _chunk_for(self, image_size: tuple[int, int], k: int) -> int | None:

@@ -230,6 +230,10 @@ def _check_stops(stops: Sequence[str] | str, allowed: Sequence[str] = STOPS) -> 
     return tuple(stops)
 
 
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor], rows: torch.Tensor, keep: bool,
            batch_mode: str) -> list[torch.Tensor | None]:
     """Gradients (len(rows), *input.shape) of ``outputs`` seeded by each row, by one batched or one plain backward."""
@@ -263,9 +267,29 @@ def _batched_relevance(outputs: torch.Tensor, seeds: torch.Tensor, probes: list[
                 g = torch.zeros((rows.shape[0], *x.shape), dtype=x.dtype, device=x.device)
             relevance = x.detach()[None] * g
             for name, reduce in probe.reductions.items():
-                parts[name].append(reduce(relevance).detach())
+                # reduced-precision runs report in float32 (NumPy has no bfloat16); the device stays
+                parts[name].append(_widen(reduce(relevance).detach()))
         del grads
     return [{name: torch.cat(chunks) for name, chunks in parts.items()} for parts in pieces]
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise EngineError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of the model's parameters (the input is brought to them)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
 
 
 class LRP:
@@ -281,7 +305,8 @@ class LRP:
 
     def __init__(self, model: nn.Module, composite: str | Composite = "default", chunk_size: int | None = 16,
                  keep_channels: bool = False, batch_mode: str = "auto", adapter: "Adapter | None" = None,
-                 recompute: bool | Sequence[str] = False):
+                 recompute: bool | Sequence[str] = False, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None):
         if adapter is None:
             from ..adapters import ADAPTERS, find_adapter
 
@@ -295,11 +320,18 @@ class LRP:
         if batch_mode not in ("auto", "vmap", "loop"):
             raise EngineError(f"batch_mode must be 'auto', 'vmap' or 'loop', got {batch_mode!r}")
         self.model = model.eval()
+        dtype = _dtype(dtype)
+        # bfloat16 / float16: the forward under autocast (weights stay as they are, as in mixed-precision
+        # inference; MaskDINO's pixel decoder up-casts as officially), the backward in the forward's dtypes
+        self.autocast = dtype if dtype in (torch.bfloat16, torch.float16) else None
+        if device is not None or (dtype is not None and self.autocast is None):
+            self.model.to(device=device, dtype=None if self.autocast else dtype)  # in place, as nn.Module.to
+        self.device, self.dtype = _placement(self.model)
         self.composite = get_composite(composite)
         self.chunk_size = chunk_size
         self.keep_channels = keep_channels
         if batch_mode == "auto":  # measured: vmap's batching overhead outweighs its gain on CPUs
-            batch_mode = "vmap" if next(model.parameters()).is_cuda else "loop"
+            batch_mode = "vmap" if self.device.type == "cuda" else "loop"
         self.batch_mode = batch_mode
         # segments whose forward graph is recomputed in the backward instead of kept (lrp/recompute.py)
         self.segments = segment_names(recompute, adapter.segments(model))
@@ -308,11 +340,13 @@ class LRP:
         """Pre-process ``image`` and run the LRP forward; returns a session for :meth:`Session.backward`."""
         adapter = self.adapter
         prepared = adapter.prepare(self.model, image, channel_order)
-        x = prepared.tensor
+        x = prepared.tensor.to(device=self.device, dtype=self.dtype)
         probe = torch.ones_like(x, requires_grad=True)  # gradient × input at the probe = pixel relevance
         pixels = PixelInput(x, probe, *adapter.input_bounds(self.model, x))
         start = time.perf_counter()
-        with torch.enable_grad(), lrp_mode(self.model, self.composite, pixels, adapter) as state, \
+        with torch.enable_grad(), torch.autocast(self.device.type, self.autocast or torch.bfloat16,
+                                                 enabled=self.autocast is not None), \
+                lrp_mode(self.model, self.composite, pixels, adapter) as state, \
                 adapter.record(self.model, state.ledger) as records, \
                 recompute_segments(self.model, self.segments, state.ledger):
             outputs = adapter.forward(self.model, x * probe, records)

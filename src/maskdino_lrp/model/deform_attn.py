@@ -197,7 +197,7 @@ class _SparseRows:
         self._rows, self._weights, self._transpose = rows, weights, None
 
     def matmul(self, dense: torch.Tensor) -> torch.Tensor:
-        return self.csr @ dense
+        return _sparse_mm(self.csr, dense)
 
     def transpose_matmul(self, dense: torch.Tensor) -> torch.Tensor:
         if self._transpose is None:
@@ -210,7 +210,20 @@ class _SparseRows:
                 warnings.simplefilter("ignore", UserWarning)
                 self._transpose = torch.sparse_csr_tensor(crow, row_of[order], self._weights.reshape(-1)[order],
                                                           size=(self.csr.shape[1], self.csr.shape[0]))
-        return self._transpose @ dense
+        return _sparse_mm(self._transpose, dense)
+
+
+def _sparse_mm(matrix: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``matrix @ dense`` in the matrix's dtype (float32 for half-precision values: CPU sparse kernels have no
+    bfloat16 / float16), returned in ``dense``'s dtype."""
+    with torch.autocast(dense.device.type, enabled=False):  # autocast would cast the sparse matrix down
+        if dense.dtype == matrix.dtype:
+            return matrix @ dense
+        return (matrix @ dense.to(matrix.dtype)).to(dense.dtype)
+
+
+def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 class _SparseMatmul(torch.autograd.Function):
@@ -283,7 +296,7 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
         # inference, or the LRP value path (locations and weights constant): one sparse
         # (N·Lq·H) × (N·H·Len_in) matrix; its backward multiplies by the transpose
         rows = torch.cat([r for r, _ in levels], -1).reshape(n * len_q * m, -1)
-        weights = torch.cat([w for _, w in levels], -1).reshape(n * len_q * m, -1).to(table.dtype)
+        weights = torch.cat([w for _, w in levels], -1).reshape(n * len_q * m, -1).to(_sparse_dtype(table.dtype))
         matrix = _SparseRows(rows, weights.detach(), n * m * len_in)
         if not torch.is_grad_enabled() or not table.requires_grad:
             return matrix.matmul(table).view(n, len_q, m * d)
