@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
               f"= {out['single_images_per_min']:.1f} images/min", flush=True)
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=max(counts), object_store_memory=object_store_bytes(), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=max(counts), object_store_memory=object_store_bytes(),
+                 include_dashboard=False, log_to_driver=False)
         out["ray_init_s"] = time.perf_counter() - t0
         print(f"ray.init (local, {max(counts)} CPUs): {out['ray_init_s']:.2f} s", flush=True)
         for n in counts:

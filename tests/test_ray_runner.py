@@ -31,7 +31,8 @@ TIMING = ("timing", "meta", "seconds", "updated")  # wall-clock figures: the onl
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (the runs join it instead of starting their own)."""
-    ray.init(num_cpus=2, object_store_memory=100 * 2 ** 20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=100 * 2 ** 20, include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -82,7 +82,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         if address:
             ray.init(address=address, **common)
         else:
-            ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes(), include_dashboard=False, **common)
+            # "local": a new instance even where `ray start` left a cluster running (ray.init would join it)
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_bytes(),
+                     include_dashboard=False, **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise DistributedError(f"cannot start {where}: {' '.join(str(exc).split())[:300]}") from None
