@@ -28,7 +28,11 @@ from maskdino_lrp.bench import count_saved, device_peak, reset_peak, synchronize
 from maskdino_lrp.lrp.explainer import LRP
 torch.manual_seed(0)
 device, dtype = torch.device(args["device"]), getattr(torch, args["dtype"])
-model = build_model(args["config"], overrides=args.get("overrides")).eval().to(device=device, dtype=dtype)
+half = dtype in (torch.bfloat16, torch.float16)  # autocast, as LRP(dtype=...) runs it; weights stay float32
+model = build_model(args["config"], overrides=args.get("overrides")).eval().to(
+    device=device, dtype=None if half else dtype)
+def autocast():
+    return torch.autocast(device.type, dtype if half else torch.bfloat16, enabled=half)
 size = args["size"]
 image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -42,11 +46,12 @@ def timed(fn, repeat):
     return best
 
 def prepared_input():
-    return model.prepare(image).tensor.to(device=device, dtype=dtype)
+    return model.prepare(image).tensor.to(device=device, dtype=None if half else dtype)
 
 def gradient():  # a plain autograd gradient of one class logit w.r.t. the pixels (the weights take none)
     x = prepared_input().requires_grad_(True)
-    logits = model(x)["pred_logits"][0]
+    with autocast():
+        logits = model(x)["pred_logits"][0]
     torch.autograd.grad(logits[0, int(logits[0].argmax())], x)
 
 case = args["case"]
@@ -54,7 +59,7 @@ for p in model.parameters():
     p.requires_grad_(False)
 if case == "forward":
     x = prepared_input()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         model(x)  # warm-up
         reset_peak(device)
         out["seconds"] = timed(lambda: model(x), args["repeat"])
@@ -63,7 +68,8 @@ elif case == "gradient":
     reset_peak(device)
     out["seconds"] = timed(gradient, args["repeat"])
 elif case == "lrp":
-    lrp = LRP(model, composite=args["composite"], chunk_size=args["chunk"], batch_mode=args["batch_mode"])
+    lrp = LRP(model, composite=args["composite"], chunk_size=args["chunk"], batch_mode=args["batch_mode"],
+              dtype=dtype if half else None)
     k = min(args["k"], model.num_queries)
     out["k"] = k
     lrp.explain(image, queries=[0], target="class", stops=args["stops"])  # warm-up
@@ -142,12 +148,14 @@ def count_saved(model, image, device, dtype, lrp: bool = True, composite: str = 
     post = nn.modules.module.register_module_forward_hook(lambda m, _a, _o: stack.pop() and None)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            half = dtype in (torch.bfloat16, torch.float16)
             if lrp:
-                session = LRP(model, composite=composite).prepare(image)
+                session = LRP(model, composite=composite, dtype=dtype if half else None).prepare(image)
                 session.cleanup()
             else:
-                x = model.prepare(image).tensor.to(device=device, dtype=dtype).requires_grad_(True)
-                model(x)
+                x = model.prepare(image).tensor.to(device=device, dtype=None if half else dtype).requires_grad_(True)
+                with torch.autocast(torch.device(device).type, dtype if half else torch.bfloat16, enabled=half):
+                    model(x)
     finally:
         pre.remove()
         post.remove()
