@@ -189,7 +189,10 @@ class _SparseRows:
 
     def __init__(self, rows: torch.Tensor, weights: torch.Tensor, num_columns: int):
         num_rows, k = rows.shape
-        crow = torch.arange(0, num_rows * k + 1, k, device=rows.device)
+        # 32-bit indices where they fit: half the index memory, and a faster sort for the transpose
+        index = torch.int32 if max(num_rows * k, num_columns) < 2**31 else torch.int64
+        rows = rows.to(index)
+        crow = torch.arange(0, num_rows * k + 1, k, device=rows.device, dtype=index)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             self.csr = torch.sparse_csr_tensor(crow, rows.reshape(-1), weights.reshape(-1),
@@ -204,8 +207,9 @@ class _SparseRows:
             columns = self._rows.reshape(-1)
             order = torch.argsort(columns, stable=True)
             counts = torch.bincount(columns, minlength=self.csr.shape[1])
-            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            row_of = torch.arange(self._rows.shape[0], device=columns.device).repeat_interleave(self._rows.shape[1])
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(columns.dtype)
+            row_of = torch.arange(self._rows.shape[0], device=columns.device,
+                                  dtype=columns.dtype).repeat_interleave(self._rows.shape[1])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 self._transpose = torch.sparse_csr_tensor(crow, row_of[order], self._weights.reshape(-1)[order],
