@@ -8,15 +8,16 @@ only the curves differ in cost): MIF deletion, insertion and LIF deletion for ev
 the random one, in pixels and in encoder tokens. ``unshared`` (``reuse_forwards=False``): each pair
 runs its start and neutral inputs, each order its own inputs, the token head on B copies of the
 features. ``shared``: the start from the image's clean forward, each neutral input once per image,
-inputs equal across orders once, the token head's pre-encoder part at batch 1. The rounds
-alternate, so load from other processes hits both alike; every faithfulness value must agree
-within 1e-6. Prints forwards and curve seconds per pair of each round and the ratios.
+inputs equal across orders once, the token head's pre-encoder part at batch 1. The maps are
+computed in the first path's run and replayed afterwards (curve seconds do not include them). The
+rounds alternate, so load from other processes hits both alike. Prints forwards and curve seconds
+per pair of each round, the ratios, and the largest difference of any faithfulness value between
+the paths (float32 forwards at other batch compositions: about 1e-7; more than 1e-4 is an error).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any, Sequence
 
 import torch
@@ -78,12 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                             max_pairs_per_image=args.pairs, randomisation=False)
     print(f"{len(names)} methods + random order, {args.steps} steps, units {settings.units}, "
           f"replacements {settings.replacements}, {args.images} images, <= {args.pairs} pair(s) each", flush=True)
-    start = time.perf_counter()
-    for index in range(args.images):  # the maps, once (replayed to both paths)
-        evaluate_image(index, ImageContext(settings, model, None, methods, ShapesConfig(image_size=160),
-                                           warmed_up=True, reuse_forwards=True))
-    print(f"maps and one shared pass: {time.perf_counter() - start:.1f} s", flush=True)
-
     per_pair: dict[str, list[float]] = {"unshared": [], "shared": []}
     forwards: dict[str, float] = {}
     reference: dict[tuple, float] | None = None
@@ -100,15 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if reference is None:
                 reference = values
             else:
-                worst = max(abs(values[k] - v) for k, v in reference.items() if v == v)
-                if worst > 1e-6:
-                    raise AssertionError(f"the paths' faithfulness values differ by {worst:.2e}")
+                worst = max((abs(values[k] - v), k) for k, v in reference.items() if v == v)
+                auc = max(abs(values[k] - v) for k, v in reference.items() if v == v and k[2].split("@")[0].endswith(
+                    ("auc", "srg")))
+                print(f"  largest difference to the first path: {worst[0]:.2e} ({worst[1][0]}, {worst[1][2]}); "
+                      f"over the AUCs and SRGs {auc:.2e}", flush=True)
+                if worst[0] > 1e-4:
+                    raise AssertionError(f"the paths' faithfulness values differ by {worst[0]:.2e}: {worst[1]}")
             print(f"{name}: {pairs} pairs, {forwards[name]:.1f} forwards / pair, {seconds:.1f} s / pair "
                   f"({seconds / forwards[name] * 1000:.1f} ms / forward)", flush=True)
     a, b = (statistics.median(per_pair[k]) for k in ("unshared", "shared"))
     print(f"median s / pair: unshared {a:.1f}, shared {b:.1f} (x{a / b:.2f}); forwards / pair "
-          f"{forwards['unshared']:.1f} -> {forwards['shared']:.1f} (x{forwards['unshared'] / forwards['shared']:.3f}); "
-          "faithfulness values agree within 1e-6")
+          f"{forwards['unshared']:.1f} -> {forwards['shared']:.1f} (x{forwards['unshared'] / forwards['shared']:.3f})")
     return 0
 
 

@@ -3,8 +3,9 @@
 For each matched (image, detection) pair and each method: the localisation metrics against the
 object's mask and box, and per unit (pixels, encoder tokens) and per replacement the MIF deletion,
 insertion and LIF deletion curves with their AUCs, SRG and gaps to a random order on the same pair.
-All orders' curves of one (pair, unit, replacement) are scored in shared batches (:mod:`.curves`);
-the token unit's backbone features are computed once per image and shared by its pairs.
+All orders' curves of one (pair, unit, replacement) are scored in shared batches (:mod:`.curves`).
+What does not depend on the pair is computed once per image: the token unit's backbone features and
+encoder input, the curves' start (the clean forward) and each (unit, replacement)'s neutral input.
 """
 from __future__ import annotations
 
