@@ -217,3 +217,18 @@ def test_evaluate_on_two_workers_fills_the_same_store(local_ray, tmp_path):
     table = lambda result: {(m, k): (e.mean, e.n) for m, row in result["table"].items()  # noqa: E731
                             for k, e in row.items() if k not in cost}
     assert table(two) == table(one)
+
+
+def test_worker_copy_has_no_model_and_asks_for_the_gpu_ray_gives(tmp_path):
+    """What workers get: the runner without its model, bars or report; cuda:N becomes cuda (a Ray GPU
+    worker sees only the GPU it was given), the driver's runner unchanged."""
+    from maskdino_lrp.analysis.distributed import _worker_copy
+    from maskdino_lrp.analysis.runner import LRPOptions
+
+    runner = BatchExplainer("tiny", tmp_path, options=LRPOptions(device="cuda:3"), progress=True)
+    _ = runner.model
+    clone = _worker_copy(runner)
+    assert clone._model is None and clone._lrp is None and not clone.progress and not clone.report
+    assert clone.options.device == "cuda" and runner.options.device == "cuda:3" and runner._model is not None
+    assert clone.settings == runner.settings
+    assert _worker_copy(BatchExplainer("tiny", tmp_path)).options.device == "cpu"

@@ -21,6 +21,7 @@ that dies leaves the folder in the state the single-process runner resumes from:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import shutil
@@ -61,9 +62,16 @@ class ExplainWorker:
         return self.runner.attempt_image(source, name)
 
 
+def _device(runner: BatchExplainer) -> str:
+    return str(getattr(runner.options, "device", None) or "cpu")
+
+
 def _worker_copy(runner: BatchExplainer) -> BatchExplainer:
-    """The runner as shipped to workers: no model yet (each builds its own), no progress bars or report."""
+    """The runner as shipped to workers: no model yet (each builds its own), no progress bars or report; a
+    CUDA device becomes ``cuda``, the one GPU Ray gives the worker (it sees only that one)."""
     clone = copy.copy(runner)
+    if _device(runner).startswith("cuda"):
+        clone.options = dataclasses.replace(runner.options, device="cuda")
     clone._model = None
     clone._lrp = None
     clone.progress = False
@@ -82,11 +90,11 @@ def run_on_ray(runner: BatchExplainer, inputs: Sequence[str | os.PathLike], *, w
     """:meth:`BatchExplainer.run` with the images explained on Ray workers (see the module docstring).
 
     ``workers``: how many (default: one per CPU of the cluster / this machine, one per GPU with a CUDA
-    ``runner.device``); ``address``: a cluster to join (else ``RAY_ADDRESS``, else Ray started here);
+    ``runner.options.device``); ``address``: a cluster to join (else ``RAY_ADDRESS``, else Ray started here);
     ``threads``: torch threads and Ray CPUs per worker (default: this machine's cores shared out, one on a
     cluster).
     """
-    gpus = 1 if str(getattr(runner, "device", "cpu") or "cpu").startswith("cuda") else 0
+    gpus = 1 if _device(runner).startswith("cuda") else 0
     with worker_pool(ExplainWorker, lambda per_worker: (_worker_copy(runner), per_worker), "explain",
                      workers=workers, address=address, threads=threads, gpus=gpus) as pool:
         log.info("%d Ray worker(s) on %s", len(pool.actors), ", ".join(sorted({a["host"] for a in pool.answers})))

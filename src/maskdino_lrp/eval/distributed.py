@@ -9,6 +9,7 @@ retries it) and named in the run's notes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -36,6 +37,8 @@ class EvalWorker:
         from .run import image_context
 
         torch.set_num_threads(threads)
+        if str(settings.device).startswith("cuda"):  # the one GPU Ray gives this worker, whatever its index
+            settings = dataclasses.replace(settings, device="cuda")
         if model is None:
             model = build_model(settings.config, checkpoint=settings.checkpoint)
         self.context = image_context(settings, model)
