@@ -79,7 +79,9 @@ official-style 4-scale config (``benchmarks/maskdino_r50_4s.yaml``) at small and
 process and prints estimate, measured peak and their ratio. Measured / estimated (2 threads, PNGs on):
 tiny 0.99 / 1.04 and demo 1.02 / 1.02 (128–160 px / 3000×2000 photos), 3-scale 1.02 at 320 px, 0.99 on
 a 3000×2000 photo at 320 px, 1.02 at 800 px (7.8 GB), 4-scale 1.11 at 320 px and 1.07 at 512 px (9.5 GB);
-repeated runs of one case differ by up to ~10 % (allocator, load).
+repeated runs of one case differ by up to ~10 % (allocator, load). With recomputation
+(``benchmarks/swin_explain.py``: one detection to the pixels): Swin-T 1.08 at 320 px and 0.83 at 800 px
+(10.4 GB), Swin-L 1.07 at 320 px; without it Swin-T at 320 px is 0.74 (α was measured on ResNet models).
 The time factors were measured on ``tiny`` and ``maskdino_r50_3s_coco``; times depend on the machine's
 load and thread count (the probe measures them as they are now).
 """
