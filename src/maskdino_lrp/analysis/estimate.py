@@ -76,9 +76,11 @@ explained queries (targets), ``c`` the chunk size (targets per batched backward)
 stops pixels, encoder_input, memory) on ``tiny``, ``demo``, ``maskdino_r50_3s_coco`` and the
 official-style 4-scale config (``benchmarks/maskdino_r50_4s.yaml``) at small and large inputs and on
 3000×2000 photos: ``python benchmarks/estimate_vs_measured.py [--large]`` runs each case in its own
-process and prints estimate, measured peak and their ratio. Measured / estimated (2 threads, PNGs on):
-tiny 0.99 / 1.04 and demo 1.02 / 1.02 (128–160 px / 3000×2000 photos), 3-scale 1.02 at 320 px, 0.99 on
-a 3000×2000 photo at 320 px, 1.02 at 800 px (7.8 GB), 4-scale 1.11 at 320 px and 1.07 at 512 px (9.5 GB);
+process and prints estimate, measured peak and their ratio. Measured / estimated (PNGs on), since the LRP
+forward keeps convolutions' input shapes and ReLU masks only (``lrp.engine.compact_saves``; 1 thread): tiny
+0.97 / 1.05 and demo 1.01 / 1.04 (128–160 px / 3000×2000 photos), 3-scale 1.04 at 320 px, 0.99 on a
+3000×2000 photo at 320 px, 4-scale 1.00 at 320 px (the large cases were last measured before that change:
+3-scale 1.02 at 800 px, 7.8 GB; 4-scale 1.07 at 512 px, 9.5 GB; the estimate is now 10–20 % lower there);
 repeated runs of one case differ by up to ~10 % (allocator, load). With recomputation
 (``benchmarks/swin_explain.py``: one detection to the pixels): Swin-T 1.08 at 320 px and 0.83 at 800 px
 (10.4 GB), Swin-L 1.07 at 320 px; without it Swin-T at 320 px is 0.74 (α was measured on ResNet models).
@@ -100,8 +102,9 @@ from ..model.config import get, load_config
 # measured factors (see the module docstring)
 ALPHA = 3.15  # held forward bytes per counted activation element (× dtype size), outside the encoder
 # ... inside the deformable encoder: its attention keeps one sparse sampling matrix instead of the counted
-# gathers (measured on the 3- and 4-scale configs; the old single ALPHA made the 4-scale estimate 1.4× too big)
-ALPHA_ENCODER = 0.9
+# gathers, its FFN's ReLU a one-byte mask (measured on the 3- and 4-scale configs; the old single ALPHA made the
+# 4-scale estimate 1.4× too big)
+ALPHA_ENCODER = 0.5
 BETA = 1.0  # live chain of gradients during a backward, in units of the largest activation crossed
 EFFICIENCY = 0.25  # achieved / matmul throughput for the model's mix of ops
 LRP_FORWARD_FACTOR = 1.3  # an LRP forward (rules, ledger, graph) in plain forwards
