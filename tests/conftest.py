@@ -35,6 +35,19 @@ def zero_additive_constants(model) -> None:
                 m.bias.zero_()
 
 
+def randomise_deformable_heads(model, std: float = 0.05) -> int:
+    """Draw the weights of every deformable attention's sampling-offset and attention-weight heads (initialised
+    to zero, so that the samples do not depend on the image), so that they move with the input; returns how many."""
+    import torch
+
+    heads = [p for name, p in model.named_parameters()
+             if name.endswith(("sampling_offsets.weight", "attention_weights.weight"))]
+    with torch.no_grad():
+        for p in heads:
+            p.normal_(0.0, std)
+    return len(heads)
+
+
 def pytest_configure(config):
     # One intra-op thread: on a 2-core machine shared with other work, OpenMP threads that
     # oversubscribe the cores make small ops orders of magnitude slower.

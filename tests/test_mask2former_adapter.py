@@ -20,7 +20,7 @@ from maskdino_lrp.lrp.composites import get_composite  # noqa: E402
 from maskdino_lrp.lrp.engine import lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from maskdino_lrp.lrp.targets import TargetError  # noqa: E402
-from conftest import zero_additive_constants
+from conftest import randomise_deformable_heads, zero_additive_constants
 
 CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
 # transformers warns that it validated Mask2Former with Swin backbones only; the ResNet one builds and runs
@@ -183,9 +183,13 @@ def test_biases_absorb_what_the_ledger_says_at_every_cut(image, backbone):
         assert rel < 1e-5, f"cut {cut}: residual {rel:.2e}"
 
 
-@pytest.mark.parametrize("target,backbone", [("class", "resnet"), ("mask", "resnet"), ("mask", "swin")])
-def test_gradient_composite_is_autograd_gradient_times_input(image, target, backbone):
-    model = tiny_mask2former(1, backbone)
+@pytest.mark.parametrize("target,backbone,seed", [("class", "resnet", 1), ("mask", "resnet", 1), ("mask", "swin", 0)])
+def test_gradient_composite_is_autograd_gradient_times_input(image, target, backbone, seed):
+    """With the pixel decoder's offset and weight heads random (non-zero), the samples move with the image; the
+    gradient rule keeps the sampling locations and attention weights connected, as autograd does. (Swin: seed 0,
+    whose masks have positive pixels; with none the mask target and its gradient would be zero.)"""
+    model = tiny_mask2former(seed, backbone)
+    assert randomise_deformable_heads(model) == 2 * len(model.model.pixel_level_module.decoder.encoder.layers)
     queries = [0, 3, 5]
     expl = LRP(model, composite="gradient").explain(image, queries=queries, target=target, stops=["pixels"])
     x = Mask2FormerAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
@@ -195,6 +199,7 @@ def test_gradient_composite_is_autograd_gradient_times_input(image, target, back
         value = logits[q, expl.labels[row]] if target == "class" else (masks[q] * (masks[q] > 0).detach()).sum()
         (g,) = torch.autograd.grad(value, x, retain_graph=True)
         reference = (x * g).detach().sum(1)[0]
+        assert reference.abs().max() > 0
         assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=1e-9, atol=1e-12)
 
 

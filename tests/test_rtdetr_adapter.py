@@ -174,16 +174,15 @@ def test_queries_that_are_not_the_selected_tokens_are_refused(image):
 
 @pytest.mark.parametrize("version,batch_mode", [("v1", "vmap"), ("v1", "loop"), ("v2", "loop")])
 def test_gradient_composite_is_autograd_gradient_times_input(image, version, batch_mode):
-    """Against autograd through the model's own modules, with the query content connected as the adapter does.
-    The engine's gradient rule takes deformable sampling locations and weights as constants (positional): with
-    the offset and weight heads' weights zero (transformers' initialisation) they do not depend on the image."""
+    """Against autograd through the model's own modules, with the query content connected as the adapter does and
+    the model's own detaches of its reference boxes (the kernels take reference points as positional). The offset
+    and weight heads are random (non-zero): the samples move with the image, and the gradient rule keeps the
+    sampling offsets and attention weights connected."""
     model = tiny_rtdetr(version, seed=1)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "sampling_offsets"):
-                module.sampling_offsets.weight.zero_()
-                module.attention_weights.weight.zero_()
+    assert all(m.sampling_offsets.weight.abs().min() > 0 and m.attention_weights.weight.abs().min() > 0
+               for m in model.modules() if hasattr(m, "sampling_offsets"))
     adapter = find_adapter(model)
+    adapter.box_chain = False  # for the reference forward: the query content connected, the box chain as is
     expl = LRP(model, composite="gradient", batch_mode=batch_mode).explain(image, queries=QUERIES, stops=["pixels"])
     # a batch of two copies: torch 2.13's CPU batch-norm backward (eval) is wrong for a batch of one whose
     # gradient arrives channels-last with a stray batch stride, as RT-DETR's flattened memory sends it

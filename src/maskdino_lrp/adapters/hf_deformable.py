@@ -7,8 +7,9 @@ transformers' deformable attention modules — ``DeformableDetrMultiscaleDeforma
 ``n_points``, ``d_model``), so the engine already classes them as ``deform_attn`` modules. They compute with
 their own sampling code, which the engine cannot put a rule on; :func:`deformable_kernel` computes the same
 values through :mod:`maskdino_lrp.model.deform_attn`'s steps (the sampling maths MaskDINO's ``MSDeformAttn``
-uses), under the rule's :class:`~maskdino_lrp.lrp.rules.DeformSteps`: sampling locations never carry
-relevance, the attention weights are constants unless the rule says otherwise.
+uses), under the rule's :class:`~maskdino_lrp.lrp.rules.DeformSteps`: sampling locations carry no relevance
+and the attention weights are constants unless the rule says otherwise (the ``gradient`` rule keeps both
+connected: its backward is autograd's).
 
 How an adapter uses it (its ``kernel`` hook)::
 
@@ -100,7 +101,10 @@ def deform_under_steps(module: nn.Module, steps: DeformSteps, query: torch.Tenso
     place = locations or da.sampling_locations
     # the offset and weight heads read the query; under the value rules they see a constant copy
     offsets, logits = da.sampling_offsets_and_logits(module, query if steps.query_relevance else query.detach())
-    where = place(module, reference_points, offsets, spatial_shapes).detach()  # positional: never relevance
+    # the reference points are positional (the models detach them; a connected box chain serves box targets)
+    where = place(module, reference_points.detach(), offsets, spatial_shapes)
+    if not steps.plain:  # under the LRP rules the offsets are positional too: no relevance through the locations
+        where = where.detach()
     weights = da.attention_softmax(module, logits)
     if steps.constant_weights:
         weights = weights.detach()

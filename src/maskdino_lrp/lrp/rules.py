@@ -424,16 +424,18 @@ class AttentionSteps:
 
 @dataclass(frozen=True)
 class DeformSteps:
-    """How a multi-scale deformable attention computes under a rule (sampling locations never carry relevance).
+    """How a multi-scale deformable attention computes under a rule.
 
     ``query_relevance``: the attention weights are computed from the live query (else from a detached one);
     ``constant_weights``: the attention weights are detached; ``product``: the product of sampled values
-    and weights (None: the plain, linear core).
+    and weights (None: the plain, linear core); ``plain``: the sampling locations stay connected to the
+    query too, so the backward is autograd's own (else they are positional constants and carry no relevance).
     """
 
     query_relevance: bool
     constant_weights: bool
     product: Callable | None
+    plain: bool = False
 
 
 class _RuleMeta(type):
@@ -610,7 +612,7 @@ class Gradient(Rule):
         return AttentionSteps(linear.linear, torch.bmm, lambda s: torch.softmax(s, -1), torch.bmm)
 
     def deformable(self):
-        return DeformSteps(query_relevance=False, constant_weights=False, product=None)
+        return DeformSteps(query_relevance=True, constant_weights=False, product=None, plain=True)
 
 
 class Epsilon(Rule):
