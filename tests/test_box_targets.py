@@ -242,55 +242,35 @@ def tiny_detr():
     return model
 
 
-def _detr_adapter(box_logits: bool):
+@pytest.mark.parametrize("target", ["box:cx", "box:w", "box:x1", "box:y2"])
+def test_detr_box_targets_conserve_exactly(target):
+    """DETR regresses its box directly from the decoder output: nothing to connect. Its sigmoid is a function the
+    engine gives no rule; the adapter's ``box_logits`` (the box head's output) let the target take it under the
+    identity rule, so the relevance is the box itself: pixels + booked constants == the plain forward's value."""
     from maskdino_lrp.adapters.detr import DetrAdapter
 
-    class WithBoxLogits(DetrAdapter):
-        """The DETR adapter plus ``box_logits``: the box MLP's output, before DETR's functional sigmoid."""
-
-        @contextlib.contextmanager
-        def record(self, model, ledger):
-            with super().record(model, ledger) as records:
-                handle = model.bbox_predictor.register_forward_hook(
-                    lambda _m, _a, out: records.tensors.__setitem__("box_logits", out))
-                try:
-                    yield records
-                finally:
-                    handle.remove()
-
-        def forward(self, model, x, records):
-            return {**super().forward(model, x, records), "box_logits": records.tensors["box_logits"]}
-
-    return WithBoxLogits() if box_logits else DetrAdapter()
-
-
-@pytest.mark.parametrize("target", ["box:cx", "box:w", "box:x1", "box:y2"])
-def test_detr_box_targets_reach_the_pixels(target):
-    """DETR regresses its box directly from the decoder output: nothing to connect. Its sigmoid is a function,
-    which the engine gives no rule: as the adapter is, the relevance that reaches the pixels is that of the
-    sigmoid's linearisation (Σ R = Σ_j c_j u_j σ'(u_j), exact); with ``box_logits`` it is the box itself."""
     model = tiny_detr()
     image = np.random.default_rng(1).integers(0, 256, (96, 80, 3), dtype=np.uint8)
     queries = [0, 3, 5]
-    for with_logits in (False, True):
-        adapter = _detr_adapter(with_logits)
-        x = adapter.prepare(model, image).tensor
-        with torch.no_grad():
-            u = model.bbox_predictor(model(pixel_values=x, output_hidden_states=False).last_hidden_state)[0, queries]
-        boxes = u.sigmoid()
-        coefficients = {"box:cx": (1.0, 0.0), "box:w": (0.0, 1.0), "box:x1": (1.0, -0.5), "box:y2": (1.0, 0.5)}[target]
-        pair = (0, 2) if target in ("box:cx", "box:w", "box:x1") else (1, 3)
-        value = sum(c * boxes[:, i] for c, i in zip(coefficients, pair))
-        linearised = sum(c * u[:, i] * boxes[:, i] * (1 - boxes[:, i]) for c, i in zip(coefficients, pair))
-        expl = LRP(model, composite="conservative", adapter=adapter).explain(image, queries, target, ["pixels", "memory"])
-        assert torch.allclose(expl.target_values, value, rtol=1e-12, atol=1e-14)
-        expected = value if with_logits else linearised
-        for cut, row in expl.conservation.items():
-            assert torch.all(row["bias"] == 0), cut
-            accounted = row["total"] + row["embeddings"] + row["positional"]
-            rel = ((accounted - expected).abs() / expected.abs()).max().item()
-            assert rel < 1e-5, f"{target} (box_logits {with_logits}): cut {cut} conserves only to {rel:.2e}"
-        assert torch.all(expl.conservation["pixels"]["total"].abs() > 0)
+    adapter = DetrAdapter()
+    with torch.no_grad():
+        boxes = model(pixel_values=adapter.prepare(model, image).tensor).pred_boxes[0, queries]
+    coefficients = {"box:cx": (1.0, 0.0), "box:w": (0.0, 1.0), "box:x1": (1.0, -0.5), "box:y2": (1.0, 0.5)}[target]
+    pair = (0, 2) if target in ("box:cx", "box:w", "box:x1") else (1, 3)
+    value = sum(c * boxes[:, i] for c, i in zip(coefficients, pair))
+    session = LRP(model, composite="conservative", adapter=adapter).prepare(image)
+    try:
+        assert torch.equal(session.outputs["box_logits"].sigmoid(), session.outputs["pred_boxes"])
+        expl = session.backward(queries, target, ["pixels", "memory"])
+    finally:
+        session.cleanup()
+    assert torch.allclose(expl.target_values, value, rtol=1e-12, atol=1e-14)
+    for cut, row in expl.conservation.items():
+        assert torch.all(row["bias"] == 0), cut
+        accounted = row["total"] + row["embeddings"] + row["positional"]
+        rel = ((accounted - value).abs() / value.abs()).max().item()
+        assert rel < 1e-5, f"{target}: cut {cut} conserves only to {rel:.2e}"
+    assert torch.all(expl.conservation["pixels"]["total"].abs() > 0)
 
 
 def test_cli_lists_and_checks_the_box_targets(tmp_path, capsys):

@@ -7,19 +7,29 @@ multi-scale deformable attention (:mod:`.hf_deformable`, under the deformable ru
 self-attention is DETR-style (``DeformableDetrSelfAttention``); position embeddings (sine + level embedding,
 the query position embeddings) are booked where each attention adds them. The query content is a learned
 embedding (single-stage) or, two-stage, a projection of the sine embedding of detached proposal boxes: that
-embedding is booked at ``pos_trans``. Reference points never carry relevance (the kernels detach the sampling
-locations; transformers detaches the refined boxes). Scores are sigmoids.
+embedding is booked at ``pos_trans``. Scores are sigmoids.
+
+Boxes: the final box is the last layer's box head on the inverse sigmoid of the reference it refines
+(``box_logits``). With box refinement, transformers detaches each layer's refined box, and two-stage the top-k
+proposal boxes; ``connect`` keeps that chain connected (:func:`~.hf_common.chain_detaches`), so a box's relevance
+reaches every layer's box head and, two-stage, the proposal's box head on its encoder token; the proposals' grid
+anchors (``gen_encoder_output_proposals``) are booked as positional. Reference points reach the decoder only as
+sampling locations (detached by the kernel) and, two-stage, through the booked sine embedding: class
+explanations do not depend on the chain. Two-stage, ``box_anchor`` and ``box_refinements`` (``proposal``,
+``0`` … per layer) serve the ``refine:*`` targets.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from ..lrp.engine import Ledger
 from .base import Cut, Records, StopTensor, hooks
-from .hf_common import HFDetectionAdapter, append_output, book_input
+from .hf_common import HFDetectionAdapter, append_output, book_finite, book_input, last_output
 
 _UPSTREAM_OF_ENCODER = ("model.backbone.", "model.input_proj.")
 _UPSTREAM_OF_MEMORY = _UPSTREAM_OF_ENCODER + ("model.encoder.", "model.level_embed")
@@ -45,6 +55,7 @@ class DeformableDetrAdapter(HFDetectionAdapter):
     stops = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "decoder_layers")
     default_stops = ("pixels", "encoder_input", "memory")
     encoder_stops = ("pixels", "backbone", "encoder_input", "encoder_layers")
+    reference_chain = True
 
     @contextlib.contextmanager
     def record(self, model: nn.Module, ledger: Ledger) -> Iterator[Records]:
@@ -71,8 +82,47 @@ class DeformableDetrAdapter(HFDetectionAdapter):
         handles += [layer.register_forward_hook(append_output(rec["decoder_layers"])) for layer in inner.decoder.layers]
         if getattr(inner, "pos_trans", None) is not None:
             handles.append(inner.pos_trans.register_forward_pre_hook(book_input(ledger, "model.pos_trans.input")))
-        with hooks(handles):
-            yield records
+        decoder = inner.decoder
+        rec["box_deltas"] = {}
+        if decoder.bbox_embed is not None:
+            handles += [head.register_forward_hook(last_output(rec["box_deltas"], str(i)))
+                        for i, head in enumerate(decoder.bbox_embed[:len(decoder.layers) - 1])]
+        if model.config.two_stage:  # the proposal heads: the last of the decoder's heads
+            handles += [decoder.class_embed[-1].register_forward_hook(last_output(rec, "proposal_scores")),
+                        decoder.bbox_embed[-1].register_forward_hook(last_output(rec, "proposal_deltas"))]
+
+        def proposals(*args, **kwargs):  # the grid anchors of the encoder tokens: constant, booked
+            tokens, anchors = generate(*args, **kwargs)
+            rec["anchors"] = book_finite(ledger, "model.box_anchor", anchors)
+            return tokens, rec["anchors"]
+
+        generate = inner.gen_encoder_output_proposals
+        inner.gen_encoder_output_proposals = proposals
+        try:
+            with hooks(handles), self.cut_chain(ledger):
+                yield records
+        finally:
+            del inner.gen_encoder_output_proposals
+
+    def box_head(self, model):
+        return model.bbox_embed[model.config.decoder_layers - 1]
+
+    def final_box_logits(self, model, out, head, records):
+        layers = model.config.decoder_layers
+        reference = out.init_reference_points if layers == 1 else out.intermediate_reference_points[:, layers - 2]
+        if reference.shape[-1] == 2:  # the head's output got the centre's reference added in place
+            return head
+        return head + sys.modules[type(model).__module__].inverse_sigmoid(reference)
+
+    def box_stages(self, model, records, head):
+        rec = records.tensors
+        if not model.config.two_stage or "proposal_scores" not in rec or head is None:
+            return None  # single-stage: the first reference is learned, there is no constant anchor
+        index = rec["proposal_scores"][..., 0].topk(model.config.two_stage_num_proposals, dim=1).indices
+        index = index[..., None].expand(-1, -1, 4)  # the model's top-k, gathered as it gathers them
+        steps = {"proposal": rec["proposal_deltas"].gather(1, index), **rec["box_deltas"],
+                 str(model.config.decoder_layers - 1): head}
+        return rec["anchors"].gather(1, index), steps
 
     def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
         rec = records.tensors

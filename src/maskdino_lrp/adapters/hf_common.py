@@ -13,26 +13,36 @@ The base does the rest the transformers way: the image is resized and normalised
 the model is called with ``pixel_values``, the frozen batch norms right after a convolution are folded,
 and the detections are the queries ranked by their best class score. transformers itself is never imported
 here: classes are recognised by their module and name.
+
+Boxes: the families apply the box sigmoid as a function, so ``forward`` also gives ``box_logits``, the final
+boxes before it (the output of the module :meth:`HFDetectionAdapter.box_head` names, plus the reference the
+family adds; checked to give ``pred_boxes`` bit for bit). Families that refine boxes layer by layer (Deformable
+DETR, RT-DETR) set ``reference_chain``: transformers detaches each layer's reference box and the top-k proposal
+boxes in its own code; ``connect`` keeps them connected (:func:`chain_detaches`), ``box_chain=False`` books them
+as positional instead (where their inverse sigmoid is added).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..lrp.engine import EngineError, Ledger
 from ..lrp.rules import AttentionSteps
-from .base import Adapter, Records
+from .base import Adapter, Records, hooks
 from .hf_deformable import deformable_kernel, is_deformable
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HFInput", "HFDetections", "HFDetectionAdapter", "is_hf_class",
            "is_frozen_norm", "read_preprocessor", "attend", "qkv_attention_kernel", "book_output", "book_input",
-           "append_output"]
+           "append_output", "chain_detaches", "book_finite", "last_output"]
 
 # transformers.activations classes that are parameterless elementwise functions rebuilt by calling the class
 _ACTIVATIONS = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
@@ -178,6 +188,48 @@ def append_output(into: list, pick: Callable[[Any], torch.Tensor] | None = None)
     return lambda _m, _args, out: into.append(pick(out) if pick is not None else out)
 
 
+def last_output(into: dict, key: str) -> Callable:
+    """A forward hook keeping a module's latest output in ``into[key]`` (a head called once per layer)."""
+    return lambda _m, _args, out: into.__setitem__(key, out)
+
+
+def book_finite(ledger: Ledger, name: str, tensor: torch.Tensor, category: str = "positional") -> torch.Tensor:
+    """``tensor`` with its finite entries replaced by a leaf booked in ``ledger``; the values stay bit for bit
+    (proposal anchors of invalid tokens are inf: they take no relevance and must not enter the ledger's sums)."""
+    finite = torch.isfinite(tensor)
+    return ledger.track(category, name, torch.where(finite, tensor, 0.0)) + torch.where(finite, 0.0, tensor)
+
+
+class _ChainDetaches(TorchFunctionMode):
+    """``Tensor.detach`` called by the code of the given modules returns ``replace(tensor)`` instead (see
+    :func:`chain_detaches`); every other detach (the rules', the kernels', the ledger's) is left alone."""
+
+    def __init__(self, modules: Sequence[str], replace: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.modules, self.replace = tuple(modules), replace
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.detach and self._called_from_model():
+            return self.replace(args[0])
+        return func(*args, **(kwargs or {}))
+
+    def _called_from_model(self) -> bool:
+        frame = sys._getframe(2)  # 0: this method, 1: __torch_function__, 2: the caller or another mode's handler
+        while frame is not None and frame.f_code.co_name == "__torch_function__":  # modes stacked above this one
+            frame = frame.f_back
+        return frame is not None and frame.f_globals.get("__name__") in self.modules
+
+
+@contextlib.contextmanager
+def chain_detaches(modules: Sequence[str], replace: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> Iterator[None]:
+    """Within it, the detaches written in the transformers modules ``modules`` (e.g. a decoder's
+    ``reference_points = new_reference_points.detach()``) give ``replace(tensor)``: the tensor itself (None: the
+    chain stays connected, the values are the same) or, e.g., a booked leaf. The model is not modified."""
+    with _ChainDetaches(modules, replace or (lambda t: t)):
+        yield
+
+
 # ----------------------------------------------------------------------------- the base adapter
 class HFDetectionAdapter(Adapter):
     """The shared part of the transformers DETR-family adapters (see the module docstring)."""
@@ -190,6 +242,11 @@ class HFDetectionAdapter(Adapter):
     # (conv, norm) attribute pairs of the backbone's conv layers whose norm follows the conv directly
     conv_norm_attributes: tuple[tuple[str, str], ...] = (("convolution", "normalization"),)
     groups = {"backbone": ("model.backbone.*", "backbone.*")}
+    # transformers detaches the reference boxes each layer refines (and the proposals): see chain_detaches
+    reference_chain: bool = False
+
+    def __init__(self, box_chain: bool = True):
+        self.box_chain = box_chain
 
     # ------------------------------------------------------------------ detection
     def _ours(self, module: nn.Module, names: Sequence[str] | None = None) -> bool:
@@ -241,6 +298,36 @@ class HFDetectionAdapter(Adapter):
 
     def pixel_layer(self, model):
         return super().pixel_layer(self.backbone(model))
+
+    @contextlib.contextmanager
+    def connect(self, model: nn.Module) -> Iterator[None]:
+        """With ``reference_chain`` and ``box_chain``: the model's own detaches of reference boxes keep the chain."""
+        if not (self.reference_chain and self.box_chain):
+            yield
+            return
+        with chain_detaches((self.modeling,)):
+            yield
+
+    @contextlib.contextmanager
+    def cut_chain(self, ledger: Ledger) -> Iterator[None]:
+        """For ``record``: with ``box_chain=False``, each detached reference box the model refines is booked as
+        positional where it is added, in the inverse-sigmoid space (the chain cut where the model cuts it, its
+        parts accounted for); else nothing. The family's ``inverse_sigmoid`` is wrapped meanwhile."""
+        module = sys.modules.get(self.modeling)
+        original = getattr(module, "inverse_sigmoid", None)
+        if not self.reference_chain or self.box_chain or original is None:
+            yield
+            return
+
+        def inverse_sigmoid(x, *args, **kwargs):
+            out = original(x, *args, **kwargs)
+            return out if x.requires_grad else ledger.track("positional", "model.decoder.box_reference", out)
+
+        module.inverse_sigmoid = inverse_sigmoid
+        try:
+            yield
+        finally:
+            module.inverse_sigmoid = original
 
     def encoder_output(self, records: Records) -> torch.Tensor:
         """The last encoder layer's output, recorded under ``encoder_layers`` by the family's ``record``."""
@@ -297,8 +384,44 @@ class HFDetectionAdapter(Adapter):
         return ((0.0 - mean) / std).expand_as(x).contiguous(), ((top - mean) / std).expand_as(x).contiguous()
 
     def forward(self, model, x, records):
-        out = model(pixel_values=x)
-        return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes, "decoder_embedding": out.last_hidden_state}
+        out, boxes = self.call(model, x, records)
+        return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes, "decoder_embedding": out.last_hidden_state,
+                **boxes}
+
+    def call(self, model: nn.Module, x: torch.Tensor, records: Records) -> tuple[Any, dict]:
+        """The model's output for ``pixel_values=x`` and its box outputs: ``box_logits`` (when they give
+        ``pred_boxes`` bit for bit) and, for families with :meth:`box_stages`, ``box_anchor``/``box_refinements``."""
+        head, seen = self.box_head(model), {}
+        handles = [] if head is None else [head.register_forward_hook(last_output(seen, "head"))]
+        with hooks(handles):
+            out = model(pixel_values=x)
+        boxes: dict[str, Any] = {}
+        if "head" in seen:
+            logits = self.final_box_logits(model, out, seen["head"], records)
+            if logits is not None and torch.equal(logits.sigmoid(), out.pred_boxes):
+                boxes["box_logits"] = logits
+        stages = self.box_stages(model, records, seen.get("head"))
+        if stages is not None:
+            boxes["box_anchor"], boxes["box_refinements"] = stages
+        return out, boxes
+
+    def box_head(self, model: nn.Module) -> nn.Module | None:
+        """The module whose (last) output the final box logits are made of (None: no box logits)."""
+        head = getattr(model, "bbox_predictor", None)
+        return head if isinstance(head, nn.Module) else None
+
+    def final_box_logits(self, model: nn.Module, out: Any, head: torch.Tensor, records: Records
+                         ) -> torch.Tensor | None:
+        """The final boxes (B, Q, 4) before the sigmoid from the box head's output: as it is after the forward
+        (DETR; Conditional and DAB-DETR add their reference to it in place), the last layer's if stacked."""
+        return head[-1] if head.dim() == 4 else head
+
+    def box_stages(self, model: nn.Module, records: Records, head: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """(anchor, {stage: delta}) adding up to the final boxes' inverse sigmoid (see the ``Adapter``
+        docstring), for families that refine boxes from proposals (``head``: the box head's last output);
+        None: none."""
+        return None
 
     def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-class probabilities (…, C) of the object classes from the logits, as the family scores them."""

@@ -5,13 +5,23 @@ frozen batch norm), ``encoder_input_proj`` (conv + batch norm) per level, a hybr
 transformer layer on the top level with a sine position embedding, then FPN/PAN fusion of conv + batch norm +
 SiLU layers), ``decoder_input_proj`` (conv + batch norm) giving the memory tokens, and a deformable decoder
 whose queries start from the top-k memory tokens: their content (``enc_output`` of the tokens) is detached
-by the model and reconnected here, their boxes stay positional. Scores are sigmoids. Without a processor config
+by the model and reconnected here. Scores are sigmoids.
+
+Boxes: each decoder layer refines the previous layer's box, starting from the top-k tokens' proposal boxes (the
+box head ``enc_bbox_head`` on the token plus its grid anchor); transformers detaches the proposals and every
+refined box, ``connect`` keeps that chain connected (:func:`~.hf_common.chain_detaches`), so a box's relevance
+reaches each layer's box head and the proposal's; only the anchors (``generate_anchors``: the token's grid
+position, the level's anchor size) are booked as positional. The boxes reach the queries only as sampling
+locations (detached by the kernel) and through the query position head, whose output is booked where it is
+used: class explanations do not depend on the chain. ``box_anchor`` and ``box_refinements`` (``proposal``,
+``0`` … per layer) serve the ``refine:*`` targets; ``box_logits`` the box targets. Without a processor config
 the image is prepared as ``RTDetrImageProcessor`` does by default. v2 places the decoder's samples with
 per-point scales and an ``offset_scale``; its discrete (rounded) sampling is refused.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator, Sequence
 
 import torch
@@ -20,12 +30,13 @@ from torch import nn
 from ..lrp.engine import EngineError, Ledger
 from ..model import deform_attn as da
 from .base import Cut, Records, StopTensor, hooks
-from .hf_common import HFDetectionAdapter, append_output, is_hf_class
+from .hf_common import HFDetectionAdapter, append_output, book_finite, is_hf_class, last_output
 from .hf_deformable import deformable_kernel, is_deformable
 
 _UPSTREAM_OF_ENCODER = ("model.backbone.", "model.encoder_input_proj.")
 # ledger entries downstream of the memory: query selection and content, the decoder and its heads
-_AFTER_MEMORY = ("model.enc_output.", "model.enc_score_head.", "model.enc_bbox_head.", "model.decoder.")
+_AFTER_MEMORY = ("model.enc_output.", "model.enc_score_head.", "model.enc_bbox_head.", "model.decoder.",
+                 "model.box_anchor")
 # transformers' own classes of RT-DETR's default encoder activations (GELU, SiLU): identity rule like nn.GELU
 _ACTIVATIONS = ("GELUActivation", "SiLUActivation")
 # RTDetrImageProcessor's defaults (640x640, pixels in [0, 1], no normalisation), for a model without its own
@@ -44,6 +55,7 @@ class RTDetrAdapter(HFDetectionAdapter):
     stops = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "query_init", "decoder_layers")
     default_stops = ("pixels", "encoder_input", "memory")
     encoder_stops = ("pixels", "backbone", "encoder_input", "encoder_layers")
+    reference_chain = True
 
     def prepare(self, model, image, channel_order="RGB"):
         with _processor_defaults(model):
@@ -76,7 +88,7 @@ class RTDetrAdapter(HFDetectionAdapter):
         handles = [inner.enc_output.register_forward_hook(lambda _m, _a, out: seen.update(memory=out)),
                    inner.enc_score_head.register_forward_hook(lambda _m, _a, out: seen.update(scores=out)),
                    inner.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
-        with hooks(handles):
+        with hooks(handles), super().connect(model):
             yield
 
     @contextlib.contextmanager
@@ -103,8 +115,54 @@ class RTDetrAdapter(HFDetectionAdapter):
         handles += [layer.register_forward_hook(append_output(rec["encoder_layers"]))
                     for aifi in inner.encoder.aifi for layer in aifi.layers]
         handles += [layer.register_forward_hook(append_output(rec["decoder_layers"])) for layer in inner.decoder.layers]
-        with hooks(handles):
-            yield records
+        decoder, rec["box_deltas"] = inner.decoder, {}
+
+        def on_last_layer(_m, _args, kwargs):  # the box the last layer refines (B, Q, 1, 4)
+            rec["last_reference"] = kwargs["reference_points"]
+
+        if decoder.bbox_embed is not None:
+            handles += [head.register_forward_hook(last_output(rec["box_deltas"], str(i)))
+                        for i, head in enumerate(decoder.bbox_embed[:len(decoder.layers) - 1])]
+            handles.append(decoder.layers[-1].register_forward_pre_hook(on_last_layer, with_kwargs=True))
+        handles += [inner.enc_score_head.register_forward_hook(last_output(rec, "proposal_scores")),
+                    inner.enc_bbox_head.register_forward_hook(last_output(rec, "proposal_deltas"))]
+
+        def anchors(*args, **kwargs):  # the encoder tokens' grid anchors: constant, booked
+            values, valid = generate(*args, **kwargs)
+            rec["anchors"] = book_finite(ledger, "model.box_anchor", values)
+            return rec["anchors"], valid
+
+        generate, fixed = inner.generate_anchors, inner.__dict__.get("anchors")
+        inner.generate_anchors = anchors
+        if isinstance(fixed, torch.Tensor):  # anchor_image_size: the anchors computed once, read in eval
+            inner.anchors = rec["anchors"] = book_finite(ledger, "model.box_anchor", fixed)
+        try:
+            with hooks(handles), self.cut_chain(ledger):
+                yield records
+        finally:
+            del inner.generate_anchors
+            if isinstance(fixed, torch.Tensor):
+                inner.anchors = fixed
+
+    def box_head(self, model):
+        heads = model.model.decoder.bbox_embed
+        return None if heads is None else heads[len(model.model.decoder.layers) - 1]
+
+    def final_box_logits(self, model, out, head, records):
+        reference = records.tensors.get("last_reference")
+        if reference is None:
+            return None
+        return head + sys.modules[type(model).__module__].inverse_sigmoid(reference.squeeze(2))
+
+    def box_stages(self, model, records, head):
+        rec = records.tensors
+        if head is None or "proposal_scores" not in rec:
+            return None
+        index = rec["proposal_scores"].max(-1).values.topk(model.config.num_queries, dim=1).indices  # the model's
+        index = index[..., None].expand(-1, -1, 4)
+        steps = {"proposal": rec["proposal_deltas"].gather(1, index), **rec["box_deltas"],
+                 str(len(model.model.decoder.layers) - 1): head}
+        return rec["anchors"].to(head.dtype).gather(1, index), steps
 
     def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
         rec = records.tensors

@@ -51,9 +51,9 @@ class YolosAdapter(HFDetectionAdapter):
         return Adapter.pixel_layer(self, model)
 
     def forward(self, model, x, records):
-        out = model(pixel_values=x)
+        out, boxes = self.call(model, x, records)
         detection = out.last_hidden_state[:, -model.config.num_detection_tokens:]
-        return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes, "decoder_embedding": detection}
+        return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes, "decoder_embedding": detection, **boxes}
 
     @contextlib.contextmanager
     def record(self, model: nn.Module, ledger: Ledger) -> Iterator[Records]:
