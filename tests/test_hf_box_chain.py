@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import zero_additive_constants  # noqa: E402
 from maskdino_lrp.adapters.deformable_detr import DeformableDetrAdapter  # noqa: E402
-from maskdino_lrp.adapters.rtdetr import RTDetrAdapter  # noqa: E402
+from maskdino_lrp.adapters.rtdetr import RTDetrAdapter, RTDetrV2Adapter  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from maskdino_lrp.lrp.targets import TargetError  # noqa: E402
 from test_deformable_detr_adapter import tiny_deformable_detr  # noqa: E402
@@ -27,6 +27,8 @@ FAMILIES = ["deformable_detr", "rt_detr"]
 def build(family: str, zero_constants: bool = True):
     if family == "deformable_detr":
         model, adapter = tiny_deformable_detr("two_stage"), DeformableDetrAdapter
+    elif family == "rt_detr_v2":
+        model, adapter = tiny_rtdetr("v2"), RTDetrV2Adapter
     else:
         model, adapter = tiny_rtdetr(), RTDetrAdapter
     if zero_constants:
@@ -57,16 +59,18 @@ def session_of(model, image, adapter, composite="conservative"):
         session.cleanup()
 
 
-def assert_conserves(expl, label):
+def assert_conserves(expl, label, scale=None):
+    """Pixels + booked constants == the target, relative to |target| (or ``scale``: for a sum whose summands
+    may cancel, the sum of their absolute values)."""
     for cut, row in expl.conservation.items():
         assert torch.all(row["bias"] == 0), (label, cut)
         accounted = row["total"] + row["embeddings"] + row["positional"]
-        rel = ((accounted - row["target"]).abs() / row["target"].abs()).max().item()
+        rel = ((accounted - row["target"]).abs() / (row["target"].abs() if scale is None else scale)).max().item()
         assert rel < 1e-5, f"{label}: cut {cut} conserves only to {rel:.2e}"
 
 
 # ----------------------------------------------------------------------------- conservation
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["rt_detr_v2"])
 def test_box_and_refinement_targets_conserve_through_the_chain(image, family):
     """box:cx/w and an edge equal the plain forward's box and conserve; the refinements add up, on the booked
     anchor, to the final box's inverse sigmoid (checked against the plain forward) and conserve too."""
@@ -88,7 +92,8 @@ def test_box_and_refinement_targets_conserve_through_the_chain(image, family):
         for target, reference in references.items():
             expl = session.backward(QUERIES, target, ["pixels", "memory"])
             assert torch.allclose(expl.target_values, reference, rtol=1e-10, atol=1e-12), target
-            assert_conserves(expl, f"{family} {target}")
+            scale = sum(s[0, q, 0].abs() for s in steps.values()).detach() if target == "refine:cx" else None
+            assert_conserves(expl, f"{family} {target}", scale)
             assert torch.all(expl.conservation["pixels"]["total"].abs() > 0), target
         # the anchor is booked once, as positional, and takes part of the box's relevance
         anchors = [e for e in session.state.ledger.entries if e.name == "model.box_anchor"]
