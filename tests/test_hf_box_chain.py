@@ -106,8 +106,9 @@ def test_box_and_refinement_targets_conserve_through_the_chain(image, family):
 def test_the_chain_reaches_the_proposal_heads_only_when_connected(image, family):
     """Connected, the final box depends on the proposal's box head (transformers detaches it twice on the way);
     cut (box_chain=False), it does not, the model's detached references are booked as positional, and box
-    targets still conserve."""
+    targets still conserve; the pixels' share of the box's relevance is larger connected."""
     model, cls = build(family)
+    shares = {}
     for chain in (True, False):
         with session_of(model, image, cls(box_chain=chain)) as session:
             proposal = session.records.tensors["proposal_deltas"]
@@ -118,6 +119,9 @@ def test_the_chain_reaches_the_proposal_heads_only_when_connected(image, family)
             assert ("model.decoder.box_reference" in names) is not chain
             expl = session.backward(QUERIES, "box:cx", ["pixels", "memory"])
             assert_conserves(expl, f"{family} box:cx chain={chain}")
+            row = expl.conservation["pixels"]
+            shares[chain] = (row["total"].abs() / (row["total"].abs() + row["positional"].abs())).mean().item()
+    assert shares[True] > shares[False]  # connected, more of the box is the image's
 
 
 # ----------------------------------------------------------------------------- what must not change
