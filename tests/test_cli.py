@@ -206,6 +206,7 @@ def test_explain_two_images_then_validate(images, tmp_path, capsys):
     check_report(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["images"]) == ["shapes_0.png", "shapes_1.png"]
+    assert manifest["settings"]["stops"] == ["pixels", "encoder_input", "memory"]  # without --stops: MaskDINO's
 
 
 def _files(folder: Path) -> set[str]:

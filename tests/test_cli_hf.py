@@ -80,19 +80,33 @@ def _save_tiny(folder: Path, family: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,stops", [("conditional_detr", "pixels,encoder_input,memory"),
-                                          ("dab_detr", "pixels,encoder_input,memory"),
-                                          ("yolos", "pixels,encoder_input")])
+@pytest.mark.parametrize("family,stops", [("conditional_detr", ["pixels", "encoder_input", "memory"]),
+                                          ("dab_detr", ["pixels", "encoder_input", "memory"]),
+                                          ("yolos", ["pixels", "encoder_input"])])
 def test_explain_hf_other_detr_family_models(family, stops, images, tmp_path, capsys):
+    """Without --stops, the model's own default stops (YOLOS has no memory) are kept and recorded."""
     folder = _save_tiny(tmp_path / family, family)
     out = tmp_path / "run"
     args = ["explain", str(images), "--hf", str(folder), "--out", str(out), "--queries", "topk:1", "--no-progress",
-            "--composite", "conservative", "--stops", stops]
+            "--composite", "conservative"]
     assert main(args) == 0
     assert "2 image(s) explained (2 queries)" in capsys.readouterr().out
     summary = json.loads((out / "img0.png" / "summary.json").read_text())
     assert summary["model_class"] == type_name(family)
+    assert json.loads((out / "manifest.json").read_text())["settings"]["stops"] == stops
+    meta = json.loads((out / "img0.png" / f"q{summary['queries'][0]['query']:03d}_meta.json").read_text())
+    assert meta["stops"] == stops
     assert main(["validate", str(out)]) == 0
+
+
+def test_every_model_type_names_an_adapter_whose_default_stops_it_has():
+    from maskdino_lrp.adapters import get_adapter
+    from maskdino_lrp.cli import HF_ADAPTERS, HF_AUTO_CLASSES
+
+    assert set(HF_ADAPTERS) == set(HF_AUTO_CLASSES)
+    for name in HF_ADAPTERS.values():
+        adapter = get_adapter(name)
+        assert adapter.default_stops and set(adapter.default_stops) <= set(adapter.stops), name
 
 
 def type_name(family: str) -> str:

@@ -55,6 +55,16 @@ def test_default_composite_reports_what_it_does_not_conserve(image):
     assert row["bias"].abs().sum() > 0  # random-init biases do absorb relevance
 
 
+def test_explain_without_stops_keeps_maskdinos_default(model64, image):
+    """MaskDINO's default stops are its adapter's, unchanged: pixels, encoder_input, memory."""
+    lrp = LRP(model64, composite="conservative")
+    assert lrp.adapter.default_stops == ("pixels", "encoder_input", "memory")
+    default = lrp.explain(image, queries=[0])
+    explicit = lrp.explain(image, queries=[0], stops=["pixels", "encoder_input", "memory"])
+    assert set(default.relevance) == set(explicit.relevance) and "memory" in default.relevance
+    assert all(torch.equal(default.relevance[k], explicit.relevance[k]) for k in explicit.relevance)
+
+
 @pytest.mark.parametrize("batch_mode", ["vmap", "loop"])
 def test_batched_equals_one_at_a_time(model64, image, batch_mode):
     lrp = LRP(model64, composite="default", chunk_size=2, batch_mode=batch_mode)

@@ -88,6 +88,21 @@ def test_gradient_composite_is_autograd_gradient_times_input(image):
         assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=1e-9, atol=1e-9 * reference.abs().max())
 
 
+def test_explain_without_stops_keeps_the_adapters_default_stops(image):
+    """YOLOS has no memory: explain() without stops keeps the adapter's default_stops, as if asked for them."""
+    assert YolosAdapter.default_stops == ("pixels", "encoder_input")
+    lrp = LRP(tiny_yolos(3), composite="conservative")
+    default = lrp.explain(image, queries=[0])
+    explicit = lrp.explain(image, queries=[0], stops=["pixels", "encoder_input"])
+    assert set(default.relevance) == set(explicit.relevance) and {"pixels", "encoder_input"} <= set(default.relevance)
+    assert all(torch.equal(default.relevance[k], explicit.relevance[k]) for k in explicit.relevance)
+    session = lrp.prepare(image)
+    try:
+        assert set(session.backward([0]).relevance) == set(explicit.relevance)
+    finally:
+        session.cleanup()
+
+
 def test_model_bit_identical_after_explaining_also_after_an_exception_and_batched_equals_single(image):
     model = tiny_yolos(2)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="class", metavar="NAME",
                    help=f"what to explain: {', '.join(TARGETS)}; refine:<coord>:<stage> is one stage's refinement "
                    "of a box coordinate (stages: proposal, 0 … last decoder layer) (default: %(default)s)")
-    p.add_argument("--stops", default=",".join(DEFAULT_STOPS), metavar="LIST",
-                   help=f"where to keep relevance, comma-separated from: {', '.join(STOPS)} (default: %(default)s)")
+    p.add_argument("--stops", default=None, metavar="LIST",
+                   help=f"where to keep relevance, comma-separated from: {', '.join(STOPS)} (default: the model's "
+                   "own: pixels,encoder_input,memory for MaskDINO and the encoder-decoder models, pixels,encoder_input "
+                   "for YOLOS)")
     p.add_argument("--composite", default="default", metavar="NAME",
                    help=f"LRP rule composite: {', '.join(composite_names())} (default: %(default)s)")
     p.add_argument("--chunk-size", type=_positive_int, default=16, metavar="N",
@@ -302,6 +304,10 @@ HF_AUTO_CLASSES = {
     "rt_detr_v2": "AutoModelForObjectDetection",
     "mask2former": "AutoModelForUniversalSegmentation",
 }
+# the adapter (maskdino_lrp.adapters.ADAPTERS) that explains each model type
+HF_ADAPTERS = {"detr": "detr", "deformable_detr": "deformable_detr", "conditional_detr": "conditional_detr",
+               "dab-detr": "dab_detr", "yolos": "yolos", "rt_detr": "rt_detr", "rt_detr_v2": "rt_detr_v2",
+               "mask2former": "mask2former"}
 
 
 def _import_auto_model(name: str = "AutoModelForObjectDetection"):
@@ -358,12 +364,17 @@ def _explain_hf(args, options, formats: list[str]) -> int:
     """``explain --hf DIR``: the same runner on a Hugging Face model (loaded after the cheap checks)."""
     from .analysis.runner import BatchExplainer, check_inputs, check_output_folder
 
+    from .adapters import get_adapter
+
     for flag, given in (("--checkpoint", args.checkpoint), ("--partial-load", args.partial_load),
                         ("--memory-budget", args.memory_budget)):
         if given:  # the weights are the folder's; the memory estimate knows MaskDINO configs only
             raise CliError(f"{flag} does not apply to --hf models")
     _check_hf_folder(args.hf)  # a bad folder, an unknown model type or no transformers fails before the output
-    _import_auto_model(HF_AUTO_CLASSES[_hf_model_type(args.hf)])  # folder is made
+    model_type = _hf_model_type(args.hf)
+    _import_auto_model(HF_AUTO_CLASSES[model_type])  # folder is made
+    if options.stops is None:  # the model's own, known before it loads (the manifest records them)
+        options.stops = get_adapter(HF_ADAPTERS[model_type]).default_stops
     check_inputs(args.images, args.image_root)
     check_output_folder(args.out)
     if args.threads:

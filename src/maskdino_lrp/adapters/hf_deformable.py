@@ -8,8 +8,8 @@ transformers' deformable attention modules — ``DeformableDetrMultiscaleDeforma
 their own sampling code, which the engine cannot put a rule on; :func:`deformable_kernel` computes the same
 values through :mod:`maskdino_lrp.model.deform_attn`'s steps (the sampling maths MaskDINO's ``MSDeformAttn``
 uses), under the rule's :class:`~maskdino_lrp.lrp.rules.DeformSteps`: sampling locations carry no relevance
-and the attention weights are constants unless the rule says otherwise (the ``gradient`` rule keeps both
-connected: its backward is autograd's).
+and the attention weights are constants unless the rule says otherwise (the ``gradient`` rule keeps the offsets
+and weights connected to the query: its backward is autograd's for the models' constant reference points).
 
 How an adapter uses it (its ``kernel`` hook)::
 

@@ -65,7 +65,8 @@ class LRPOptions:
     """Performance settings of an LRP run.
 
     - ``chunk_size``: targets per batched backward (None: all at once);
-    - ``stops``: where relevance is kept (see :data:`maskdino_lrp.lrp.STOPS`);
+    - ``stops``: where relevance is kept (see :data:`maskdino_lrp.lrp.STOPS`); None: the model's adapter's
+      ``default_stops``;
     - ``keep_channels``: also keep per-channel relevance of token / query stops (large);
     - ``dtype``: ``float32`` or ``float64`` (the model is converted; twice the memory), or ``bfloat16`` /
       ``float16`` (the forward under autocast, the backward in its dtypes; the conservation report shows the cost);
@@ -76,7 +77,7 @@ class LRPOptions:
     """
 
     chunk_size: int | None = 16
-    stops: tuple[str, ...] = ("pixels", "encoder_input", "memory")
+    stops: tuple[str, ...] | None = None
     keep_channels: bool = False
     dtype: str = "float32"
     memory_budget_gb: float | None = None
@@ -88,9 +89,9 @@ class LRPOptions:
 
         if isinstance(self.stops, str):
             self.stops = tuple(s.strip() for s in self.stops.split(",") if s.strip())
-        self.stops = tuple(self.stops)
-        bad = [s for s in self.stops if s not in STOPS]
-        if bad or not self.stops:
+        self.stops = None if self.stops is None else tuple(self.stops)
+        bad = [s for s in self.stops or () if s not in STOPS]
+        if bad or self.stops == ():
             raise RunError(f"unknown stop {bad[0]!r}; stops: {', '.join(STOPS)}" if bad
                            else f"no stops given; choose from {', '.join(STOPS)}")
         if self.dtype not in DTYPES:
@@ -616,7 +617,7 @@ class BatchExplainer:
             "<dict>" if isinstance(model, Mapping) else type(model).__name__))
         return {"config": config, "overrides": self.overrides, "checkpoint": self.checkpoint, "seed": self.seed,
                 "queries": self.queries, "target": self.target, "composite": self.composite,
-                "stops": list(self.options.stops), "keep_channels": self.options.keep_channels,
+                "stops": list(self.stops), "keep_channels": self.options.keep_channels,
                 "dtype": self.options.dtype, "formats": list(self.formats)}
 
     def _new_manifest(self) -> dict:
@@ -698,6 +699,20 @@ class BatchExplainer:
         return self._model
 
     @property
+    def stops(self) -> tuple[str, ...]:
+        """The stops kept: the options', else the model's adapter's ``default_stops`` (MaskDINO's without building
+        a model from a config; a callable's model is loaded to find its adapter)."""
+        if self.options.stops is not None:
+            return self.options.stops
+        import torch
+
+        from ..adapters import find_adapter, get_adapter
+
+        if isinstance(self._model_arg, torch.nn.Module) or callable(self._model_arg):
+            return (find_adapter(self.model) or get_adapter("maskdino")).default_stops
+        return get_adapter("maskdino").default_stops  # a MaskDINO config
+
+    @property
     def lrp(self):
         if self._lrp is None:
             from ..lrp.explainer import LRP
@@ -717,7 +732,7 @@ class BatchExplainer:
         if self._parameters is None:
             self._parameters = sum(p.numel() for p in self.model.parameters()) + sum(b.numel() for b in self.model.buffers())
         est = estimate(self.model.cfg, image_size, k, memory_budget_gb=self.options.memory_budget_gb,
-                       stops=self.options.stops, dtype=self.options.dtype, keep_channels=self.options.keep_channels,
+                       stops=self.stops, dtype=self.options.dtype, keep_channels=self.options.keep_channels,
                        gflops=1.0, parameters=self._parameters, formats=self.formats,
                        recompute=self.options.recompute)
         if not est.fits:
@@ -772,7 +787,7 @@ class BatchExplainer:
                 self.lrp.chunk_size = self._chunk_for(tuple(session.prepared.original_size), int(qs.numel()))
                 progress.backward(int(qs.numel()), self._passes(int(qs.numel())))
                 target_name, target_fn = get_target(self.target)
-                expl = session.backward(self.queries, progress.counting(target_name, target_fn), self.options.stops,
+                expl = session.backward(self.queries, progress.counting(target_name, target_fn), self.stops,
                                         retain_graph=False)
             finally:
                 session.cleanup()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # the stop vocabulary of the DETR family, input → output (an adapter offers the ones its model has, in this order)
 STOPS = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "mask_features", "query_init",
          "decoder_layers")
+# the memory estimate's default (MaskDINO's); explain() defaults to the model's adapter's ``default_stops``
 DEFAULT_STOPS = ("pixels", "encoder_input", "memory")
 
 
@@ -66,14 +67,16 @@ class Session:
     _closed: bool = field(default=False, repr=False)
 
     def backward(self, queries: Any = "topk:5", target: str | TargetFn = "class",
-                 stops: Sequence[str] = DEFAULT_STOPS, retain_graph: bool = True) -> Explanation:
+                 stops: Sequence[str] | None = None, retain_graph: bool = True) -> Explanation:
         """Relevance of the chosen queries' targets at the chosen stops (chunked, batched backward).
 
-        The graph is kept for further calls unless ``retain_graph=False`` (the last call).
+        ``stops=None``: the adapter's ``default_stops``. The graph is kept for further calls unless
+        ``retain_graph=False`` (the last call).
         """
         if self._closed:
             raise EngineError("this session was cleaned up; call LRP.prepare(image) again")
-        stops = _check_stops(stops, self.lrp.adapter.stops)
+        adapter = self.lrp.adapter
+        stops = _check_stops(adapter.default_stops if stops is None else stops, adapter.stops)
         target_name, target_fn = get_target(target)
         logits = self.outputs["pred_logits"][0].detach()
         qs, labels = select_queries(parse_queries(queries), self.detections, logits.shape[0], logits)
@@ -356,8 +359,11 @@ class LRP:
         return Session(self, prepared, outputs, state, records, probe, detections, levels, forward_seconds)
 
     def explain(self, image: Any, queries: Any = "topk:5", target: str | TargetFn = "class",
-                stops: Sequence[str] = DEFAULT_STOPS, channel_order: str = "RGB") -> Explanation:
-        """Explain the chosen queries of ``image``: prepare, forward, backward, cleanup in one call."""
+                stops: Sequence[str] | None = None, channel_order: str = "RGB") -> Explanation:
+        """Explain the chosen queries of ``image``: prepare, forward, backward, cleanup in one call.
+
+        ``stops=None``: the model's adapter's ``default_stops`` (the stops its model has, e.g. no ``memory`` for
+        an encoder-only YOLOS)."""
         session = self.prepare(image, channel_order)
         try:
             return session.backward(queries, target, stops, retain_graph=False)
