@@ -24,7 +24,6 @@ import contextlib
 import sys
 from typing import Iterator, Sequence
 
-import torch
 from torch import nn
 
 from ..lrp.engine import Ledger
