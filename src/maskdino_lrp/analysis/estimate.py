@@ -82,8 +82,8 @@ forward keeps convolutions' input shapes and ReLU masks only (``lrp.engine.compa
 3000×2000 photo at 320 px, 4-scale 1.00 at 320 px (the large cases were last measured before that change:
 3-scale 1.02 at 800 px, 7.8 GB; 4-scale 1.07 at 512 px, 9.5 GB; the estimate is now 10–20 % lower there);
 repeated runs of one case differ by up to ~10 % (allocator, load). With recomputation
-(``benchmarks/swin_explain.py``: one detection to the pixels): Swin-T 1.08 at 320 px and 0.83 at 800 px
-(10.4 GB), Swin-L 1.07 at 320 px and 1.14 at 512 px (7.3 GB); without it Swin-T at 320 px is 0.74 (α was measured on ResNet models).
+(``benchmarks/swin_explain.py``: one detection to the pixels): Swin-T 1.13 at 320 px and 0.88 at 800 px
+(10.4 GB), Swin-L 1.11 at 320 px and 1.20 at 512 px (7.3 GB); without it Swin-T at 320 px is 0.87.
 The time factors were measured on ``tiny`` and ``maskdino_r50_3s_coco``; times depend on the machine's
 load and thread count (the probe measures them as they are now).
 """
