@@ -83,3 +83,26 @@ def test_frozen_model_explains_as_the_unfrozen_one(case):
             p.requires_grad_(flag)
     assert torch.equal(frozen.relevance["pixels"], reference.relevance["pixels"])
     assert torch.equal(frozen.conservation["pixels"]["embeddings"], reference.conservation["pixels"]["embeddings"])
+
+
+def test_trimmed_heap_changes_nothing_but_memory(case):
+    """trim_heap=True: the same relevance, and no hook left behind."""
+    from torch.nn.modules import module as nn_module
+
+    model, image = case
+    reference = LRP(model).explain(image, queries=[0, 3], stops=("pixels", "memory"))
+    hooks = len(nn_module._global_forward_hooks)
+    trimmed = LRP(model, trim_heap=True).explain(image, queries=[0, 3], stops=("pixels", "memory"))
+    assert len(nn_module._global_forward_hooks) == hooks
+    for key, value in reference.relevance.items():
+        assert torch.equal(trimmed.relevance[key], value), key
+
+
+def test_trimmed_heap_trims_once_per_module_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "_malloc_trim", lambda: calls.append)
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    with engine.trimmed_heap():
+        layer(torch.ones(1, 3))
+    layer(torch.ones(1, 3))
+    assert calls == [0, 0, 0]  # Linear, ReLU, Sequential; nothing after the context

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .composites import Composite, get_composite
-from .engine import LEDGER_CATEGORIES, EngineError, LedgerEntry, LRPState, compact_saves, lrp_mode
+from .engine import LEDGER_CATEGORIES, EngineError, LedgerEntry, LRPState, compact_saves, lrp_mode, trimmed_heap
 from .explanation import Explanation, Level
 from .recompute import recompute_segments, segment_names
 from .rules import PixelInput, stabilize
@@ -301,6 +301,8 @@ class LRP:
     The adapter is found from the model (``maskdino_lrp.adapters.find_adapter``) unless given.
     ``recompute=True`` keeps no forward graph inside the adapter's segments (``Adapter.segments``; or give
     module names): the backward recomputes them, the same relevance for less memory (:mod:`.recompute`).
+    ``device`` / ``dtype`` move the model (bfloat16 / float16: autocast forward); ``trim_heap=True`` returns
+    the C heap's free pages after each module of the forward (CPUs, glibc; :func:`.engine.trimmed_heap`).
 
     >>> lrp = LRP(model, composite="default")
     >>> explanation = lrp.explain("image.png", queries="topk:5", target="class", stops=["pixels", "memory"])
@@ -309,7 +311,7 @@ class LRP:
     def __init__(self, model: nn.Module, composite: str | Composite = "default", chunk_size: int | None = 16,
                  keep_channels: bool = False, batch_mode: str = "auto", adapter: "Adapter | None" = None,
                  recompute: bool | Sequence[str] = False, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, trim_heap: bool = False):
         if adapter is None:
             from ..adapters import ADAPTERS, find_adapter
 
@@ -338,6 +340,7 @@ class LRP:
         self.batch_mode = batch_mode
         # segments whose forward graph is recomputed in the backward instead of kept (lrp/recompute.py)
         self.segments = segment_names(recompute, adapter.segments(model))
+        self.trim_heap = trim_heap  # engine.trimmed_heap: lower peak resident memory on CPUs (glibc)
 
     def prepare(self, image: Any, channel_order: str = "RGB") -> Session:
         """Pre-process ``image`` and run the LRP forward; returns a session for :meth:`Session.backward`."""
@@ -351,7 +354,8 @@ class LRP:
                                                  enabled=self.autocast is not None), \
                 lrp_mode(self.model, self.composite, pixels, adapter) as state, \
                 adapter.record(self.model, state.ledger) as records, \
-                recompute_segments(self.model, self.segments, state.ledger):
+                recompute_segments(self.model, self.segments, state.ledger), \
+                trimmed_heap(self.trim_heap and self.device.type == "cpu"):
             outputs = adapter.forward(self.model, x * probe, records)
         forward_seconds = time.perf_counter() - start
         detections = adapter.postprocess(self.model, outputs, prepared)
