@@ -426,7 +426,8 @@ def test_lrp_options_validate():
     assert LRPOptions(stops="pixels, memory").stops == ("pixels", "memory")
     with pytest.raises(RunError, match="unknown stop"):
         LRPOptions(stops=("pixels", "elsewhere"))
+    assert LRPOptions(dtype="bfloat16").dtype == "bfloat16"
     with pytest.raises(RunError, match="dtype"):
-        LRPOptions(dtype="float16")
+        LRPOptions(dtype="int8")
     with pytest.raises(RunError, match="chunk size"):
         LRPOptions(chunk_size=0)

@@ -31,10 +31,14 @@ TIMING = ("timing", "meta", "seconds", "updated")  # wall-clock figures: the onl
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (the runs join it instead of starting their own)."""
-    ray.init(address="local", num_cpus=2, object_store_memory=100 * 2 ** 20, include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    from maskdino_lrp.distributed import ray_session
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with ray_session(num_cpus=2) as session:
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]  # Ray installed its own
+        yield session
+    # Ray's handlers must not outlive the session (a later SIGTERM would go to a dead Ray driver)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -77,6 +78,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # ray.init installs its own SIGTERM/SIGINT handlers in this process; the caller's come back on exit
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     common = {"log_to_driver": True, "logging_level": logging.WARNING}
     try:
         if address:
@@ -92,6 +95,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield ray
     finally:
         ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _cause(exc: BaseException) -> BaseException:
