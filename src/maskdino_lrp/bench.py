@@ -69,7 +69,7 @@ elif case == "gradient":
     out["seconds"] = timed(gradient, args["repeat"])
 elif case == "lrp":
     lrp = LRP(model, composite=args["composite"], chunk_size=args["chunk"], batch_mode=args["batch_mode"],
-              dtype=dtype if half else None)
+              dtype=dtype if half else None, trim_heap=args.get("trim_heap", False))
     k = min(args["k"], model.num_queries)
     out["k"] = k
     lrp.explain(image, queries=[0], target="class", stops=args["stops"])  # warm-up
@@ -186,9 +186,9 @@ def run_case(**kwargs: Any) -> dict:
 
 
 def benchmark(config: str, size: int, ks: list[int], stops: list[str], chunk: int, repeat: int,
-              batch_mode: str = "auto", device: str = "cpu", dtype: str = "float32") -> dict:
+              batch_mode: str = "auto", device: str = "cpu", dtype: str = "float32", trim_heap: bool = False) -> dict:
     """Forward, plain gradient, LRP of 1 and of each K queries in one call; the ratios between them."""
-    common = dict(config=config, size=size, device=device, dtype=dtype)
+    common = dict(config=config, size=size, device=device, dtype=dtype, trim_heap=trim_heap)
     rows = [{"case": "forward (no graph)", **run_case(case="forward", repeat=repeat, **common)},
             {"case": "plain gradient (one logit → pixels)", **run_case(case="gradient", repeat=repeat, **common)}]
     lrp = {}
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch intra-op threads (use 1 when other work shares the cores: oversubscribed "
                              "OpenMP threads make small ops orders of magnitude slower)")
+    parser.add_argument("--trim-heap", action="store_true", help="LRP(trim_heap=True): the C heap's free pages "
+                        "returned after each module of the LRP forward (lower peak RSS on CPUs)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     global THREADS
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     for config, size in zip(configs, sizes):
         print(f"benchmarking {config} at {size}×{size} …", file=sys.stderr, flush=True)
         results.append(benchmark(config, size, ks, args.stops.split(","), args.chunk, args.repeat, args.batch_mode,
-                                 args.device, args.dtype))
+                                 args.device, args.dtype, args.trim_heap))
         print(format_result(results[-1]) + "\n", flush=True)
     print(f"(total benchmark time {time.perf_counter() - start:.0f} s; each case in its own process)")
     if args.json:

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype; bfloat16/float16 run the forward under autocast and the relevance backward in "
                    "its dtypes, the conservation report shows the cost (default: %(default)s)")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--trim-heap", action="store_true", help="return the C heap's free memory after each module of "
+                   "the LRP forward: a lower peak resident memory on CPUs (glibc; full-size model at 800 px 6.7 -> 4.4 GB)")
     p.add_argument("--keep-channels", action="store_true", help="also keep per-channel token relevance (in the .npz)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute backbone blocks and encoder layers in the backward instead of keeping their forward "
@@ -225,7 +227,7 @@ def _cmd_explain(args) -> int:
         raise CliError(f"unknown output format {(bad or [''])[0]!r}; choose from {', '.join(FORMATS)} or all")
     options = LRPOptions(chunk_size=args.chunk_size, stops=args.stops, keep_channels=args.keep_channels,
                          dtype=args.dtype, memory_budget_gb=args.memory_budget, recompute=args.recompute,
-                         device=args.device)
+                         device=args.device, trim_heap=args.trim_heap)
     if _distributed(args):
         from .distributed import import_ray
 

@@ -83,6 +83,7 @@ class LRPOptions:
     memory_budget_gb: float | None = None
     recompute: bool = False
     device: str = "cpu"
+    trim_heap: bool = False  # LRP(trim_heap=...): lower peak resident memory on CPUs (glibc)
 
     def __post_init__(self) -> None:
         from ..lrp.explainer import STOPS
@@ -720,7 +721,7 @@ class BatchExplainer:
             half = self.options.dtype if self.options.dtype in ("bfloat16", "float16") else None
             self._lrp = LRP(self.model, composite=self.composite, chunk_size=self.options.chunk_size,
                             keep_channels=self.options.keep_channels, recompute=self.options.recompute,
-                            device=self.options.device, dtype=half)
+                            device=self.options.device, dtype=half, trim_heap=self.options.trim_heap)
         return self._lrp
 
     def _chunk_for(self, image_size: tuple[int, int], k: int) -> int | None:
