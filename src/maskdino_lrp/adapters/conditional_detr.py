@@ -66,12 +66,5 @@ class ConditionalDetrAdapter(DetrAdapter):
     model_classes = ("ConditionalDetrForObjectDetection",)
     attention_classes = ("ConditionalDetrSelfAttention",)
     cross_attention_classes = ()
+    attention_kernels = _DECODER_KERNELS
     score = "sigmoid"
-
-    def module_kind(self, name, module):
-        return "mha" if self._ours(module, tuple(_DECODER_KERNELS)) else super().module_kind(name, module)
-
-    def kernel(self, module, kind, steps, track):
-        if kind == "mha" and self._ours(module, tuple(_DECODER_KERNELS)):
-            return _DECODER_KERNELS[type(module).__name__](module, steps, track)
-        return super().kernel(module, kind, steps, track)

@@ -66,6 +66,7 @@ class DabDetrAdapter(DetrAdapter):
     model_classes = ("DabDetrForObjectDetection",)
     attention_classes = ()
     cross_attention_classes = ()
+    attention_kernels = _KERNELS
     score = "sigmoid"
 
     def check(self, model: nn.Module) -> None:
@@ -73,14 +74,6 @@ class DabDetrAdapter(DetrAdapter):
         if any(isinstance(m, nn.PReLU) for m in model.modules()):
             raise EngineError("DAB-DETR with activation_function='prelu' is not supported (the engine has no rule "
                               "for a learned activation slope): build it with activation_function='relu'")
-
-    def module_kind(self, name, module):
-        return "mha" if self._ours(module, tuple(_KERNELS)) else super().module_kind(name, module)
-
-    def kernel(self, module, kind, steps, track):
-        if kind == "mha" and self._ours(module, tuple(_KERNELS)):
-            return _KERNELS[type(module).__name__](module, steps, track)
-        return super().kernel(module, kind, steps, track)
 
     @contextlib.contextmanager
     def record(self, model: nn.Module, ledger: Ledger) -> Iterator[Records]:

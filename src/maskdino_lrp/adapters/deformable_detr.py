@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from torch import nn
 
 from ..lrp.engine import Ledger
-from .base import Cut, Records, StopTensor, hooks
+from .base import Cut, Records, hooks
 from .hf_common import HFDetectionAdapter, append_output, book_finite, book_input, last_output
-
-_UPSTREAM_OF_ENCODER = ("model.backbone.", "model.input_proj.")
-_UPSTREAM_OF_MEMORY = _UPSTREAM_OF_ENCODER + ("model.encoder.", "model.level_embed")
 
 
 def _stage_prefixes(model: nn.Module, feature: int) -> tuple[str, ...] | None:
@@ -54,6 +51,8 @@ class DeformableDetrAdapter(HFDetectionAdapter):
     stops = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "decoder_layers")
     default_stops = ("pixels", "encoder_input", "memory")
     encoder_stops = ("pixels", "backbone", "encoder_input", "encoder_layers")
+    upstream_of_encoder = ("model.backbone.", "model.input_proj.")
+    upstream_of_memory = upstream_of_encoder + ("model.encoder.", "model.level_embed")
     reference_chain = True
 
     @contextlib.contextmanager
@@ -123,31 +122,10 @@ class DeformableDetrAdapter(HFDetectionAdapter):
                  str(model.config.decoder_layers - 1): head}
         return rec["anchors"].gather(1, index), steps
 
-    def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
-        rec = records.tensors
-        if stop == "backbone":
-            return [StopTensor(stop, f"backbone.stage{i}", t, "map") for i, t in enumerate(rec["backbone"])]
-        if stop in ("encoder_input", "memory"):
-            return [StopTensor(stop, stop, rec[stop], "tokens")]
-        if stop in ("encoder_layers", "decoder_layers"):
-            return [StopTensor(stop, f"{stop[:-1]}{i}", t, "tokens") for i, t in enumerate(rec[stop])]
-        return []
-
-    def ledger_scope(self, stops: Sequence[str]):
-        if "pixels" in stops:
-            return lambda entry: True
-        if "backbone" in stops:
-            return lambda entry: not entry.name.startswith("model.backbone.")
-        return lambda entry: not entry.name.startswith(_UPSTREAM_OF_ENCODER)
-
     def cuts(self, records: Records) -> list[Cut]:
         cuts = []
         upstream = records.tensors.get("stage_prefixes")
         if upstream is not None:  # every level reads the first output or a later stage, which reads it
             cuts.append(Cut("backbone", ("backbone",), ("backbone.stage0",),
                             lambda entry: not entry.name.startswith(upstream)))
-        return cuts + [
-            Cut("encoder_input", ("encoder_input",), ("encoder_input",),
-                lambda entry: not entry.name.startswith(_UPSTREAM_OF_ENCODER)),
-            Cut("memory", ("memory",), ("memory",), lambda entry: not entry.name.startswith(_UPSTREAM_OF_MEMORY)),
-        ]
+        return cuts + self.token_cuts()

@@ -9,19 +9,15 @@ Everything else (pixels, outputs, kernels) is :class:`~.hf_common.HFDetectionAda
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from torch import nn
 
 from ..lrp.engine import Ledger
-from .base import Cut, Records, StopTensor, hooks
+from .base import Cut, Records, hooks
 from .hf_common import IMAGENET_MEAN, IMAGENET_STD, HFDetectionAdapter, append_output, read_preprocessor
 
 __all__ = ["DetrAdapter", "IMAGENET_MEAN", "IMAGENET_STD", "read_preprocessor"]
-
-_UPSTREAM_OF_ENCODER = ("model.backbone.", "model.input_projection.")
-_UPSTREAM_OF_MEMORY = _UPSTREAM_OF_ENCODER + ("model.encoder.",)
-
 
 class DetrAdapter(HFDetectionAdapter):
     """``transformers.DetrForObjectDetection`` (and its parts) with a transformers ResNet backbone."""
@@ -35,6 +31,8 @@ class DetrAdapter(HFDetectionAdapter):
     stops = ("pixels", "backbone", "encoder_input", "encoder_layers", "memory", "decoder_layers")
     default_stops = ("pixels", "encoder_input", "memory")
     encoder_stops = ("pixels", "backbone", "encoder_input", "encoder_layers")
+    upstream_of_encoder = ("model.backbone.", "model.input_projection.")
+    upstream_of_memory = upstream_of_encoder + ("model.encoder.",)
 
     @contextlib.contextmanager
     def record(self, model: nn.Module, ledger: Ledger) -> Iterator[Records]:
@@ -62,30 +60,9 @@ class DetrAdapter(HFDetectionAdapter):
         with hooks(handles):
             yield records
 
-    def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
-        rec = records.tensors
-        if stop == "backbone":
-            return [StopTensor(stop, f"backbone.stage{i}", t, "map") for i, t in enumerate(rec["backbone"])]
-        if stop in ("encoder_input", "memory"):
-            return [StopTensor(stop, stop, rec[stop], "tokens")]
-        if stop in ("encoder_layers", "decoder_layers"):
-            return [StopTensor(stop, f"{stop[:-1]}{i}", t, "tokens") for i, t in enumerate(rec[stop])]
-        return []
-
-    def ledger_scope(self, stops: Sequence[str]):
-        if "pixels" in stops:
-            return lambda entry: True
-        if "backbone" in stops:
-            return lambda entry: not entry.name.startswith("model.backbone.")
-        return lambda entry: not entry.name.startswith(_UPSTREAM_OF_ENCODER)
-
     def cuts(self, records: Records) -> list[Cut]:
         # DETR reads only the last backbone feature; the encoder reads only its input tokens (and constant
         # positions); the decoder only the memory (its queries start at zero)
         last = f"backbone.stage{len(records.tensors.get('backbone', [])) - 1}"
-        return [
-            Cut("backbone", ("backbone",), (last,), lambda entry: not entry.name.startswith("model.backbone.")),
-            Cut("encoder_input", ("encoder_input",), ("encoder_input",),
-                lambda entry: not entry.name.startswith(_UPSTREAM_OF_ENCODER)),
-            Cut("memory", ("memory",), ("memory",), lambda entry: not entry.name.startswith(_UPSTREAM_OF_MEMORY)),
-        ]
+        return [Cut("backbone", ("backbone",), (last,), lambda entry: not entry.name.startswith("model.backbone.")),
+                *self.token_cuts()]

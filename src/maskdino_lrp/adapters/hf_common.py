@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..lrp.engine import EngineError, Ledger
 from ..lrp.rules import AttentionSteps
-from .base import Adapter, Records, hooks
+from .base import Adapter, Cut, Records, StopTensor, hooks
 from .hf_deformable import deformable_kernel, is_deformable
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HFInput", "HFDetections", "HFDetectionAdapter", "is_hf_class",
@@ -238,12 +238,18 @@ class HFDetectionAdapter(Adapter):
     model_classes: tuple[str, ...] = ()  # whole models this adapter explains
     attention_classes: tuple[str, ...] = ()  # DETR-style dot-product attention (q/k/v/o_proj)
     cross_attention_classes: tuple[str, ...] = ()  # … whose keys come from the memory (DETR's cross-attention)
+    # attention classes the family computes with its own kernel: class name -> kernel(module, steps, track)
+    attention_kernels: Mapping[str, Callable] = {}
     score: str = "sigmoid"  # "softmax": the last class is "no object"; "sigmoid": independent classes
     # (conv, norm) attribute pairs of the backbone's conv layers whose norm follows the conv directly
     conv_norm_attributes: tuple[tuple[str, str], ...] = (("convolution", "normalization"),)
     groups = {"backbone": ("model.backbone.*", "backbone.*")}
     # transformers detaches the reference boxes each layer refines (and the proposals): see chain_detaches
     reference_chain: bool = False
+    # ledger name prefixes upstream of the encoder's input (backbone, input projection) and of the memory (those
+    # and the encoder): what the shared ledger scope and token cuts leave out
+    upstream_of_encoder: tuple[str, ...] = ()
+    upstream_of_memory: tuple[str, ...] = ()
 
     def __init__(self, box_chain: bool = True):
         self.box_chain = box_chain
@@ -276,12 +282,14 @@ class HFDetectionAdapter(Adapter):
 
     # ------------------------------------------------------------------ modules
     def module_kind(self, name, module):
-        if self._ours(module, self.attention_classes + self.cross_attention_classes):
+        if self._ours(module, self.attention_classes + self.cross_attention_classes + tuple(self.attention_kernels)):
             return "mha"
         # transformers' own GELU/SiLU modules (ACT2FN): parameterless elementwise maps, as nn.GELU
         return "elementwise" if is_hf_class(module, "transformers.activations", _ACTIVATIONS) else None
 
     def kernel(self, module, kind, steps, track):
+        if kind == "mha" and self._ours(module, tuple(self.attention_kernels)):
+            return self.attention_kernels[type(module).__name__](module, steps, track)
         if kind == "mha" and self._ours(module, self.attention_classes + self.cross_attention_classes):
             return qkv_attention_kernel(module, steps, track, cross=self._ours(module, self.cross_attention_classes))
         if kind == "deform_attn" and is_deformable(module):
@@ -404,6 +412,34 @@ class HFDetectionAdapter(Adapter):
         if stages is not None:
             boxes["box_anchor"], boxes["box_refinements"] = stages
         return out, boxes
+
+    def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
+        """The encoder-decoder stops as the DETR-style ``record`` hooks keep them: the backbone's feature maps,
+        the encoder's input and the memory as token sequences, each encoder and decoder layer's output."""
+        rec = records.tensors
+        if stop == "backbone":
+            return [StopTensor(stop, f"backbone.stage{i}", t, "map") for i, t in enumerate(rec["backbone"])]
+        if stop in ("encoder_input", "memory"):
+            return [StopTensor(stop, stop, rec[stop], "tokens")]
+        if stop in ("encoder_layers", "decoder_layers"):
+            return [StopTensor(stop, f"{stop[:-1]}{i}", t, "tokens") for i, t in enumerate(rec[stop])]
+        return []
+
+    def ledger_scope(self, stops: Sequence[str]):
+        if "pixels" in stops:
+            return lambda entry: True
+        if "backbone" in stops:
+            return lambda entry: not entry.name.startswith("model.backbone.")
+        upstream = self.upstream_of_encoder
+        return lambda entry: not entry.name.startswith(upstream)
+
+    def token_cuts(self) -> list[Cut]:
+        """The cuts at the encoder's input and at the memory: the encoder reads only its input tokens (and
+        constant positions), the decoder only the memory (and its own queries)."""
+        encoder, memory = self.upstream_of_encoder, self.upstream_of_memory
+        return [Cut("encoder_input", ("encoder_input",), ("encoder_input",),
+                    lambda entry: not entry.name.startswith(encoder)),
+                Cut("memory", ("memory",), ("memory",), lambda entry: not entry.name.startswith(memory))]
 
     def box_head(self, model: nn.Module) -> nn.Module | None:
         """The module whose (last) output the final box logits are made of (None: no box logits)."""

@@ -166,15 +166,11 @@ class RTDetrAdapter(HFDetectionAdapter):
 
     def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
         rec = records.tensors
-        if stop == "backbone":
-            return [StopTensor(stop, f"backbone.stage{i}", t, "map") for i, t in enumerate(rec["backbone"])]
         if stop == "encoder_input":  # one map per level, concatenated into the memory's token order
             return [StopTensor(stop, stop, t, "map", level=i) for i, t in enumerate(rec[stop])]
-        if stop in ("memory", "query_init"):
+        if stop == "query_init":
             return [StopTensor(stop, stop, rec[stop], "tokens")]
-        if stop in ("encoder_layers", "decoder_layers"):
-            return [StopTensor(stop, f"{stop[:-1]}{i}", t, "tokens") for i, t in enumerate(rec[stop])]
-        return []
+        return super().stop_tensors(records, stop, levels)
 
     def ledger_scope(self, stops: Sequence[str]):
         if "pixels" in stops or "backbone" in stops:  # the backbone cut sits inside the body: its cut filters
