@@ -12,37 +12,26 @@ transformers = pytest.importorskip("transformers")
 
 from maskdino_lrp.adapters import find_adapter  # noqa: E402
 from maskdino_lrp.adapters.detr import DetrAdapter  # noqa: E402
-from maskdino_lrp.lrp.engine import lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
-
-QUERIES = [0, 3, 5]
-CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
+from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
+                       assert_gradient_times_input, assert_untouched_by_explaining, random_image, randomise,
+                       tiny_resnet)
 
 
 def tiny_detr(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
-    config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+    config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=tiny_resnet(transformers),
+                                     use_pretrained_backbone=False,
                                      d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                                      decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
                                      num_queries=8, num_labels=4)
-    model = transformers.DetrForObjectDetection(config).eval().double()
-    with torch.no_grad():  # transformers initialises biases and norms trivially: make every term count
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.3) if name.endswith("bias") else p.mul_(1.0 + 0.5 * torch.rand_like(p))
-        for m in model.modules():
-            if hasattr(m, "running_mean"):
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
-    return model
+    return randomise(transformers.DetrForObjectDetection(config).eval().double())
 
 
 @pytest.fixture(scope="module")
 def image():
-    return np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    return random_image()
 
 
 def plain_logits(model, adapter, image):
@@ -66,14 +55,7 @@ def test_zero_bias_conservation_with_attention_as_constant(image):
     adapter = DetrAdapter()
     reference = plain_logits(model, adapter, image)
     expl = LRP(model, composite="conservative").explain(image, queries=QUERIES, target="class", stops=CUT_STOPS)
-    target = reference[QUERIES, expl.labels]
-    assert torch.allclose(expl.target_values, target, rtol=1e-12, atol=0)
-    assert set(expl.conservation) == {"pixels", "backbone", "encoder_input", "memory"}
-    for cut, row in expl.conservation.items():
-        assert torch.all(row["bias"] == 0), cut
-        accounted = row["total"] + row["embeddings"] + row["positional"]
-        rel = ((accounted - target).abs() / target.abs()).max().item()
-        assert rel < 1e-5, f"cut {cut} conserves only to {rel:.2e}"
+    assert_conserves(expl, reference[QUERIES, expl.labels], CUT_STOPS)
     assert expl.relevance["pixels"].abs().sum() > 0 and expl.relevance["memory"].shape == (3, expl.levels[0].size)
 
 
@@ -81,10 +63,7 @@ def test_biases_absorb_what_the_ledger_says_at_every_cut(image):
     """With biases, the conservative composite still conserves once each cut's downstream biases are counted:
     a cut that booked an upstream bias, or missed a downstream one, would leave a residual."""
     expl = LRP(tiny_detr(), composite="conservative").explain(image, queries=QUERIES, stops=CUT_STOPS)
-    for cut, row in expl.conservation.items():
-        assert (row["bias"].abs() > 1e-3 * row["target"].abs()).all(), cut  # the biases matter here
-        rel = (row["residual"].abs() / row["target"].abs()).max().item()
-        assert rel < 1e-5, f"cut {cut}: residual {rel:.2e}"
+    assert_biases_absorbed(expl)
 
 
 @pytest.mark.parametrize("batch_mode", ["vmap", "loop"])
@@ -93,42 +72,20 @@ def test_gradient_composite_is_autograd_gradient_times_input(image, batch_mode):
     adapter = DetrAdapter()
     expl = LRP(model, composite="gradient", batch_mode=batch_mode).explain(image, queries=QUERIES, stops=["pixels"])
     x = adapter.prepare(model, image).tensor.clone().requires_grad_(True)
-    logits = model(pixel_values=x).logits[0]
-    for row, q in enumerate(QUERIES):
-        (g,) = torch.autograd.grad(logits[q, expl.labels[row]], x, retain_graph=True)
-        reference = (x * g).detach().sum(1)[0]
-        assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=1e-9, atol=1e-12)
+    assert_gradient_times_input(expl, x, model(pixel_values=x).logits[0], QUERIES)
 
 
 def test_model_bit_identical_after_explaining_also_after_an_exception(image):
     model = tiny_detr(2)
-    adapter = DetrAdapter()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    reference = plain_logits(model, adapter, image)
-    with pytest.raises(RuntimeError, match="boom"):
-        with lrp_mode(model, "default"):
-            model(pixel_values=adapter.prepare(model, image).tensor)
-            raise RuntimeError("boom")
-    LRP(model).explain(image, queries=[1], stops=["pixels", "backbone", "decoder_layers"])
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert torch.equal(plain_logits(model, adapter, image), reference)
+    assert_untouched_by_explaining(
+        model, lambda: plain_logits(model, DetrAdapter(), image),
+        lambda: LRP(model).explain(image, queries=[1], stops=["pixels", "backbone", "decoder_layers"]))
 
 
 def test_batched_equals_one_query_at_a_time(image):
     model = tiny_detr(3)
     lrp = LRP(model, composite="default", batch_mode="vmap", chunk_size=2)
-    session = lrp.prepare(image)
-    batched = session.backward(QUERIES, "class", ["pixels", "encoder_layers"])
-    lrp.batch_mode = "loop"
-    for row, q in enumerate(QUERIES):
-        single = session.backward([q], "class", ["pixels", "encoder_layers"])
-        for key, rel in batched.relevance.items():
-            assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
-    session.cleanup()
+    assert_batched_equals_single(lrp, image, QUERIES, ["pixels", "encoder_layers"])
 
 
 def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):

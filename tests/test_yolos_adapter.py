@@ -4,7 +4,6 @@ A tiny random ``YolosForObjectDetection`` in float64 (every weight, bias and tok
 initialises the tokens and position embeddings to zero). Proofs as in test_detr_adapter.py; the ViT's GELU is
 transformers' own module, which the HF adapters give the identity rule.
 """
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +14,9 @@ from maskdino_lrp.adapters.yolos import YolosAdapter  # noqa: E402
 from maskdino_lrp.lrp.engine import lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
+from hf_checks import (QUERIES, assert_batched_equals_single, assert_conserves, assert_gradient_times_input,
+                       assert_untouched_by_explaining, random_image)
 
-QUERIES = [0, 3, 5]
 CUT_STOPS = ["pixels", "patch_embeddings", "encoder_input"]
 
 
@@ -38,7 +38,7 @@ def tiny_yolos(seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def image():
-    return np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    return random_image()
 
 
 def plain_logits(model, image):
@@ -64,13 +64,9 @@ def test_zero_bias_conservation_with_attention_as_constant(image):
     reference = plain_logits(model, image)
     expl = LRP(model, composite="conservative").explain(image, queries=QUERIES, stops=CUT_STOPS)
     target = reference[QUERIES, expl.labels]
-    assert torch.allclose(expl.target_values, target, rtol=1e-12, atol=0)
-    assert set(expl.conservation) == set(CUT_STOPS)
-    for cut, row in expl.conservation.items():
-        assert torch.all(row["bias"] == 0), cut
-        assert (row["embeddings"].abs() > 1e-3 * target.abs()).all(), cut  # the tokens carry part of it
-        rel = (((row["total"] + row["embeddings"] + row["positional"]) - target).abs() / target.abs()).max().item()
-        assert rel < 1e-5, f"cut {cut} conserves only to {rel:.2e}"
+    assert_conserves(expl, target, CUT_STOPS)
+    for cut, row in expl.conservation.items():  # the tokens carry part of it
+        assert (row["embeddings"].abs() > 1e-3 * target.abs()).all(), cut
     (level,) = expl.levels  # the patch tokens, after [CLS]
     assert (level.start, level.size) == (1, 30) and expl.relevance["encoder_input"].shape == (3, 1 + 30 + 6)
     patches = expl.relevance["encoder_input"][0, 1:31]
@@ -81,11 +77,7 @@ def test_gradient_composite_is_autograd_gradient_times_input(image):
     model = tiny_yolos(1)
     expl = LRP(model, composite="gradient").explain(image, queries=QUERIES, stops=["pixels"])
     x = YolosAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
-    logits = model(pixel_values=x).logits[0]
-    for row, q in enumerate(QUERIES):
-        (g,) = torch.autograd.grad(logits[q, expl.labels[row]], x, retain_graph=True)
-        reference = (x * g).detach().sum(1)[0]
-        assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=1e-9, atol=1e-9 * reference.abs().max())
+    assert_gradient_times_input(expl, x, model(pixel_values=x).logits[0], QUERIES, atol_of_max=1e-9)
 
 
 def test_explain_without_stops_keeps_the_adapters_default_stops(image):
@@ -105,22 +97,7 @@ def test_explain_without_stops_keeps_the_adapters_default_stops(image):
 
 def test_model_bit_identical_after_explaining_also_after_an_exception_and_batched_equals_single(image):
     model = tiny_yolos(2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = plain_logits(model, image)
-    with pytest.raises(RuntimeError, match="boom"):
-        with lrp_mode(model, "default"):
-            plain_logits(model, image)
-            raise RuntimeError("boom")
-    lrp = LRP(model, composite="default", batch_mode="vmap", chunk_size=2)
-    session = lrp.prepare(image)
-    batched = session.backward(QUERIES, "class", ["pixels", "encoder_layers"])
-    lrp.batch_mode = "loop"
-    for row, q in enumerate(QUERIES):
-        single = session.backward([q], "class", ["pixels", "encoder_layers"])
-        for key, rel in batched.relevance.items():
-            assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
-    session.cleanup()
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert torch.equal(plain_logits(model, image), reference)
+    assert_untouched_by_explaining(
+        model, lambda: plain_logits(model, image),
+        lambda: assert_batched_equals_single(LRP(model, composite="default", batch_mode="vmap", chunk_size=2), image,
+                                             QUERIES, ["pixels", "encoder_layers"]))
