@@ -88,7 +88,7 @@ def assert_gradient_times_input(expl, x: torch.Tensor, logits: torch.Tensor, que
 def assert_untouched_by_explaining(model: torch.nn.Module, plain: Callable[[], torch.Tensor],
                                    explain: Callable[[], object]) -> None:
     """After an exception inside ``lrp_mode`` and after ``explain()``, the model's state, ``requires_grad`` flags
-    and forward are bit for bit as before (``plain()``: the untouched model's output)."""
+    and forward are bit for bit as before, no hook left behind (``plain()``: the untouched model's output)."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     reference = plain()
@@ -101,6 +101,7 @@ def assert_untouched_by_explaining(model: torch.nn.Module, plain: Callable[[], t
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert torch.equal(plain(), reference)
 
 

@@ -20,9 +20,10 @@ from maskdino_lrp.adapters.rtdetr import RTDetrAdapter, RTDetrV2Adapter  # noqa:
 from maskdino_lrp.lrp.engine import EngineError, lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
+from hf_checks import (CUT_STOPS, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
+                       assert_gradient_times_input, assert_untouched_by_explaining)
 
 QUERIES = [0, 2, 4]
-CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
 VERSIONS = ["v1", "v2"]
 
 
@@ -115,14 +116,7 @@ def test_zero_bias_conservation_with_attention_as_constant(image, version):
     zero_additive_constants(model)
     reference = plain_outputs(model, image).logits[0]
     expl = LRP(model, composite="conservative").explain(image, queries=QUERIES, target="class", stops=CUT_STOPS)
-    target = reference[QUERIES, expl.labels]
-    assert torch.allclose(expl.target_values, target, rtol=1e-12, atol=0)
-    assert set(expl.conservation) == {"pixels", "backbone", "encoder_input", "memory"}
-    for cut, row in expl.conservation.items():
-        assert torch.all(row["bias"] == 0), cut
-        accounted = row["total"] + row["embeddings"] + row["positional"]
-        rel = ((accounted - target).abs() / target.abs()).max().item()
-        assert rel < 1e-5, f"cut {cut} conserves only to {rel:.2e}"
+    assert_conserves(expl, reference[QUERIES, expl.labels], CUT_STOPS)
     tokens = sum(level.size for level in expl.levels)
     assert expl.relevance["memory"].shape == expl.relevance["encoder_input"].shape == (3, tokens)
     assert expl.relevance["pixels"].shape == (3, 64, 96) and expl.relevance["pixels"].abs().sum() > 0
@@ -133,10 +127,7 @@ def test_biases_absorb_what_the_ledger_says_at_every_cut(image, version):
     """With biases, each cut conserves once the biases downstream of it are counted: a cut that booked an upstream
     bias, or missed a downstream one (the backbone's later stages, the query head), would leave a residual."""
     expl = LRP(tiny_rtdetr(version), composite="conservative").explain(image, queries=QUERIES, stops=CUT_STOPS)
-    for cut, row in expl.conservation.items():
-        assert (row["bias"].abs() > 1e-3 * row["target"].abs()).all(), cut  # the biases matter here
-        rel = (row["residual"].abs() / row["target"].abs()).max().item()
-        assert rel < 1e-5, f"cut {cut}: residual {rel:.2e}"
+    assert_biases_absorbed(expl)
 
 
 class _Unconnected(RTDetrAdapter):
@@ -189,10 +180,7 @@ def test_gradient_composite_is_autograd_gradient_times_input(image, version, bat
     x = adapter.prepare(model, image).tensor.expand(2, -1, -1, -1).clone().requires_grad_(True)
     with adapter.connect(model):
         logits = model(pixel_values=x).logits[0]
-    for row, q in enumerate(QUERIES):
-        (g,) = torch.autograd.grad(logits[q, expl.labels[row]], x, retain_graph=True)
-        reference = (x * g).detach()[0].sum(0)
-        assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=1e-9, atol=1e-12)
+    assert_gradient_times_input(expl, x, logits, QUERIES)  # the first copy's relevance
 
 
 @pytest.mark.parametrize("composite", ["conservative", "default", "deform-query"])
@@ -216,35 +204,15 @@ def test_v2_discrete_sampling_is_refused():
 
 def test_model_bit_identical_after_explaining_also_after_an_exception(image):
     model = tiny_rtdetr("v2", seed=2)
-    adapter = find_adapter(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    reference = plain_outputs(model, image).logits
-    with pytest.raises(RuntimeError, match="boom"):
-        with lrp_mode(model, "default"):
-            model(pixel_values=adapter.prepare(model, image).tensor)
-            raise RuntimeError("boom")
-    LRP(model).explain(image, queries=[1], stops=["pixels", "backbone", "query_init", "decoder_layers"])
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    assert torch.equal(plain_outputs(model, image).logits, reference)
+    assert_untouched_by_explaining(
+        model, lambda: plain_outputs(model, image).logits,
+        lambda: LRP(model).explain(image, queries=[1], stops=["pixels", "backbone", "query_init", "decoder_layers"]))
 
 
 def test_batched_equals_one_query_at_a_time(image):
     model = tiny_rtdetr("v1", seed=3)
     lrp = LRP(model, composite="default", batch_mode="vmap", chunk_size=2)
-    session = lrp.prepare(image)
-    stops = ["pixels", "encoder_layers", "query_init"]
-    batched = session.backward(QUERIES, "class", stops)
-    lrp.batch_mode = "loop"
-    for row, q in enumerate(QUERIES):
-        single = session.backward([q], "class", stops)
-        for key, rel in batched.relevance.items():
-            assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
-    session.cleanup()
+    assert_batched_equals_single(lrp, image, QUERIES, ["pixels", "encoder_layers", "query_init"])
 
 
 def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
