@@ -85,24 +85,30 @@ def assert_gradient_times_input(expl, x: torch.Tensor, logits: torch.Tensor, que
         assert torch.allclose(expl.relevance["pixels"][row], reference, rtol=rtol, atol=tolerance)
 
 
-def assert_untouched_by_explaining(model: torch.nn.Module, plain: Callable[[], torch.Tensor],
-                                   explain: Callable[[], object]) -> None:
+def assert_untouched_by_explaining(model: torch.nn.Module, plain: Callable[[], torch.Tensor | tuple],
+                                   explain: Callable[[], object], adapter=None,
+                                   patched: Sequence[str] = ("forward",)) -> None:
     """After an exception inside ``lrp_mode`` and after ``explain()``, the model's state, ``requires_grad`` flags
-    and forward are bit for bit as before, no hook left behind (``plain()``: the untouched model's output)."""
+    and forward are bit for bit as before, no instance attribute of ``patched`` and no hook left behind
+    (``plain()``: the untouched model's output, a tensor or a tuple of them)."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     reference = plain()
     with pytest.raises(RuntimeError, match="boom"):
-        with lrp_mode(model, "default"):
+        with lrp_mode(model, "default", adapter=adapter):
             plain()
             raise RuntimeError("boom")
     explain()
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any(name in m.__dict__ for m in model.modules() for name in patched)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    assert torch.equal(plain(), reference)
+    again = plain()
+    if isinstance(reference, torch.Tensor):
+        assert torch.equal(again, reference)
+    else:
+        assert len(again) == len(reference) and all(torch.equal(a, b) for a, b in zip(again, reference))
 
 
 def assert_batched_equals_single(lrp, image, queries: Sequence[int], stops: Sequence[str], target: str = "class",

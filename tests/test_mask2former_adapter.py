@@ -17,12 +17,12 @@ transformers = pytest.importorskip("transformers")
 from maskdino_lrp.adapters import find_adapter  # noqa: E402
 from maskdino_lrp.adapters.mask2former import Mask2FormerAdapter  # noqa: E402
 from maskdino_lrp.lrp.composites import get_composite  # noqa: E402
-from maskdino_lrp.lrp.engine import lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from maskdino_lrp.lrp.targets import TargetError  # noqa: E402
 from conftest import randomise_deformable_heads, zero_additive_constants
+from hf_checks import (CUT_STOPS, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
+                       assert_untouched_by_explaining, random_image, randomise, tiny_resnet)
 
-CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
 # transformers warns that it validated Mask2Former with Swin backbones only; the ResNet one builds and runs
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -33,8 +33,7 @@ def tiny_config(backbone: str = "resnet", **extra) -> "transformers.Mask2FormerC
         backbone = transformers.SwinConfig(embed_dim=16, depths=[2, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
                                            out_features=stages)
     else:
-        backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                             layer_type="basic", out_features=stages)
+        backbone = tiny_resnet(transformers, out_features=stages)
     return transformers.Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False, feature_size=32,
                                           mask_feature_size=32, hidden_dim=32, num_attention_heads=4, encoder_layers=2,
                                           decoder_layers=3, dim_feedforward=48, encoder_feedforward_dim=48,
@@ -43,21 +42,12 @@ def tiny_config(backbone: str = "resnet", **extra) -> "transformers.Mask2FormerC
 
 def tiny_mask2former(seed: int = 0, backbone: str = "resnet") -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = transformers.Mask2FormerForUniversalSegmentation(tiny_config(backbone)).eval().double()
-    with torch.no_grad():  # transformers initialises biases and norms trivially: make every term count
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.3) if name.endswith("bias") else p.mul_(1.0 + 0.5 * torch.rand_like(p))
-        for m in model.modules():
-            if hasattr(m, "running_mean"):
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
-    return model
+    return randomise(transformers.Mask2FormerForUniversalSegmentation(tiny_config(backbone)).eval().double())
 
 
 @pytest.fixture(scope="module")
 def image():
-    return np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    return random_image()
 
 
 def plain_outputs(model, image):
@@ -147,14 +137,8 @@ def test_zero_bias_conservation_with_attention_as_constant(image, target, backbo
     assert any(m.any() for m in selection)  # the masked attention masks something
     queries, labels = expl.queries.tolist(), expl.labels.tolist()
     reference = reference_target(target, logits, masks, queries, labels)
-    assert torch.allclose(expl.target_values, reference, rtol=1e-10, atol=0)
     assert (reference.abs() > 0).all()
-    assert set(expl.conservation) == {"pixels", "backbone", "encoder_input", "memory"}
-    for cut, row in expl.conservation.items():
-        assert torch.all(row["bias"] == 0), cut
-        accounted = row["total"] + row["embeddings"] + row["positional"]
-        rel = ((accounted - reference).abs() / reference.abs()).max().item()
-        assert rel < 1e-5, f"{target}, {backbone}: cut {cut} conserves only to {rel:.2e}"
+    assert_conserves(expl, reference, CUT_STOPS, target_rtol=1e-10)
     assert expl.relevance["pixels"].abs().sum() > 0
     assert expl.relevance["memory"].shape == (len(queries), sum(lv.size for lv in expl.levels))
 
@@ -177,10 +161,7 @@ def test_biases_absorb_what_the_ledger_says_at_every_cut(image, backbone):
     bias, or missed a downstream one, would leave a residual)."""
     lrp = LRP(tiny_mask2former(backbone=backbone), composite="conservative")
     expl = lrp.explain(image, queries="topk:3", stops=CUT_STOPS)
-    for cut, row in expl.conservation.items():
-        assert (row["bias"].abs() > 1e-3 * row["target"].abs()).all(), cut  # the biases matter here
-        rel = (row["residual"].abs() / row["target"].abs()).max().item()
-        assert rel < 1e-5, f"cut {cut}: residual {rel:.2e}"
+    assert_biases_absorbed(expl)
 
 
 @pytest.mark.parametrize("target,backbone,seed", [("class", "resnet", 1), ("mask", "resnet", 1), ("mask", "swin", 0)])
@@ -205,35 +186,17 @@ def test_gradient_composite_is_autograd_gradient_times_input(image, target, back
 
 def test_model_bit_identical_after_explaining_also_after_an_exception(image):
     model = tiny_mask2former(2)
-    adapter = Mask2FormerAdapter()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    reference = plain_outputs(model, image)
-    with pytest.raises(RuntimeError, match="boom"):
-        with lrp_mode(model, "default", adapter=adapter):
-            model(pixel_values=adapter.prepare(model, image).tensor)
-            raise RuntimeError("boom")
-    LRP(model).explain(image, queries="topk:2", target="semantic", stops=["pixels", "mask_features", "decoder_layers"])
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not any("forward" in m.__dict__ or "equation" in m.__dict__ for m in model.modules())
-    assert all(torch.equal(a, b) for a, b in zip(plain_outputs(model, image), reference))
+    assert_untouched_by_explaining(
+        model, lambda: plain_outputs(model, image),
+        lambda: LRP(model).explain(image, queries="topk:2", target="semantic",
+                                   stops=["pixels", "mask_features", "decoder_layers"]),
+        adapter=Mask2FormerAdapter(), patched=("forward", "equation"))
 
 
 def test_batched_equals_one_query_at_a_time(image):
     model = tiny_mask2former(3)
     lrp = LRP(model, composite="default", batch_mode="vmap", chunk_size=2)
-    session = lrp.prepare(image)
-    stops = ["pixels", "encoder_layers", "decoder_layers"]
-    queries = [0, 3, 5]
-    batched = session.backward(queries, "mask", stops)
-    lrp.batch_mode = "loop"
-    for row, q in enumerate(queries):
-        single = session.backward([q], "mask", stops)
-        for key, rel in batched.relevance.items():
-            assert torch.allclose(rel[row], single.relevance[key][0], rtol=1e-9, atol=1e-12), key
-    session.cleanup()
+    assert_batched_equals_single(lrp, image, [0, 3, 5], ["pixels", "encoder_layers", "decoder_layers"], target="mask")
 
 
 def test_swin_input_padded_to_the_patch_size():
