@@ -143,3 +143,23 @@ def assert_kernels_reproduce_the_forward(model: torch.nn.Module, plain: Callable
             out = plain()
         for field in fields:
             assert torch.allclose(getattr(out, field), getattr(reference, field), rtol=0, atol=atol), composite
+
+
+LABELS = {0: "cat", 1: "dog", 2: "bird"}
+
+
+def label_settings(labels: dict[int, str] = LABELS) -> dict:
+    """The config entries naming a tiny model's classes (``id2label``, ``label2id``, ``num_labels``)."""
+    return {"id2label": dict(labels), "label2id": {v: k for k, v in labels.items()}, "num_labels": len(labels)}
+
+
+def write_images(folder, names: Sequence[str] = ("img0.png", "img1.png"), shape: tuple[int, ...] = (64, 48, 3),
+                 seed: int = 0):
+    """Random RGB images saved as PNGs under ``folder`` (created), one generator drawing them in turn."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name)
+    return folder

@@ -20,6 +20,7 @@ from maskdino_lrp.lrp.explainer import LRP
 from maskdino_lrp.lrp.targets import TargetError, get_target
 from maskdino_lrp.model.decoder import inverse_sigmoid
 from conftest import zero_additive_constants
+from hf_checks import random_image, tiny_resnet
 
 QUERIES = [0, 2, 5]
 BOX_TARGETS = ["box:cx", "box:cy", "box:w", "box:h", "box:x1", "box:y1", "box:x2", "box:y2"]
@@ -227,9 +228,8 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_detr():
     torch.manual_seed(0)
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
-    config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+    config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=tiny_resnet(transformers),
+                                     use_pretrained_backbone=False,
                                      d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
                                      decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
                                      num_queries=8, num_labels=4)
@@ -250,7 +250,7 @@ def test_detr_box_targets_conserve_exactly(target):
     from maskdino_lrp.adapters.detr import DetrAdapter
 
     model = tiny_detr()
-    image = np.random.default_rng(1).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    image = random_image(seed=1)
     queries = [0, 3, 5]
     adapter = DetrAdapter()
     with torch.no_grad():

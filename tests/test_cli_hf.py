@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 transformers = pytest.importorskip("transformers")
 
 from maskdino_lrp.cli import main  # noqa: E402
+from hf_checks import label_settings, tiny_resnet, write_images
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +20,11 @@ def hf_dir(tmp_path_factory) -> Path:
     import torch
 
     torch.manual_seed(0)
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    backbone = tiny_resnet(transformers)
     config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
                                      d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                                      decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
-                                     num_queries=6, num_labels=3,
-                                     id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+                                     num_queries=6, **label_settings())
     folder = tmp_path_factory.mktemp("detr")
     transformers.DetrForObjectDetection(config).save_pretrained(folder)
     # the processor's resize applies: shortest edge 40 (longest at most 60)
@@ -40,14 +38,12 @@ def deformable_dir(tmp_path_factory) -> Path:
     import torch
 
     torch.manual_seed(0)
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    backbone = tiny_resnet(transformers)
     config = transformers.DeformableDetrConfig(
         use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
         encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
         decoder_ffn_dim=48, num_queries=6, two_stage_num_proposals=6, num_feature_levels=3, encoder_n_points=2,
-        decoder_n_points=2, with_box_refine=True, two_stage=True, num_labels=3,
-        id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+        decoder_n_points=2, with_box_refine=True, two_stage=True, **label_settings())
     folder = tmp_path_factory.mktemp("deformable_detr")
     transformers.DeformableDetrForObjectDetection(config).save_pretrained(folder)
     transformers.DeformableDetrImageProcessor(size={"shortest_edge": 40, "longest_edge": 60}).save_pretrained(folder)
@@ -59,9 +55,8 @@ def _save_tiny(folder: Path, family: str) -> Path:
     import torch
 
     torch.manual_seed(0)
-    labels = {"id2label": {0: "cat", 1: "dog", 2: "bird"}, "label2id": {"cat": 0, "dog": 1, "bird": 2}, "num_labels": 3}
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    labels = label_settings()
+    backbone = tiny_resnet(transformers)
     detr_like = dict(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
                      encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                      encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=6, **labels)
@@ -116,13 +111,7 @@ def type_name(family: str) -> str:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.mark.parametrize("family,model_class", [("hf_dir", "DetrForObjectDetection"),

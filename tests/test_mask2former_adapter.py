@@ -21,7 +21,7 @@ from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from maskdino_lrp.lrp.targets import TargetError  # noqa: E402
 from conftest import randomise_deformable_heads, zero_additive_constants
 from hf_checks import (CUT_STOPS, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
-                       assert_untouched_by_explaining, random_image, randomise, tiny_resnet)
+                       assert_untouched_by_explaining, random_image, randomise, tiny_resnet, write_images)
 
 # transformers warns that it validated Mask2Former with Swin backbones only; the ResNet one builds and runs
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -204,7 +204,7 @@ def test_swin_input_padded_to_the_patch_size():
     model on the unpadded tensor), the relevance map cropped to the image, the padding's share reported."""
     model = tiny_mask2former(6, "swin")
     zero_additive_constants(model)
-    image = np.random.default_rng(1).integers(0, 256, (90, 78, 3), dtype=np.uint8)
+    image = random_image((90, 78, 3), seed=1)
     prepared = Mask2FormerAdapter().prepare(model, image)
     assert tuple(prepared.tensor.shape[-2:]) == (92, 80) and prepared.resized_size == (90, 78)
     with torch.no_grad():
@@ -305,8 +305,6 @@ def test_explain_hf_end_to_end_with_masks_resume_and_validate(tmp_path, capsys):
     validate; the semantic target through the same command."""
     import json
 
-    from PIL import Image
-
     from maskdino_lrp.cli import main
 
     torch.manual_seed(0)
@@ -315,11 +313,7 @@ def test_explain_hf_end_to_end_with_masks_resume_and_validate(tmp_path, capsys):
     folder = tmp_path / "m2f"
     transformers.Mask2FormerForUniversalSegmentation(config).save_pretrained(folder)
     transformers.Mask2FormerImageProcessorPil(size={"shortest_edge": 40, "longest_edge": 60}).save_pretrained(folder)
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+    images = write_images(tmp_path / "images")
     out = tmp_path / "run"
     args = ["explain", str(images), "--hf", str(folder), "--out", str(out), "--queries", "topk:2", "--no-progress",
             "--composite", "conservative"]

@@ -21,7 +21,8 @@ from maskdino_lrp.lrp.engine import EngineError, lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
 from hf_checks import (CUT_STOPS, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
-                       assert_gradient_times_input, assert_untouched_by_explaining)
+                       assert_gradient_times_input, assert_untouched_by_explaining, label_settings, random_image,
+                       write_images)
 
 QUERIES = [0, 2, 4]
 VERSIONS = ["v1", "v2"]
@@ -60,7 +61,7 @@ def tiny_rtdetr(version: str = "v1", seed: int = 0, **overrides) -> torch.nn.Mod
 
 @pytest.fixture(scope="module")
 def image():
-    return np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)  # multiples of RT-DETR's stride 32
+    return random_image((64, 96, 3))  # multiples of RT-DETR's stride 32
 
 
 def plain_outputs(model, image):
@@ -230,19 +231,16 @@ def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
 def test_explain_hf_cli_end_to_end(version, tmp_path, capsys):
     """``maskdino-lrp explain IMAGES --hf DIR`` on a saved tiny RT-DETR with its processor config: outputs,
     report, and ``validate`` passes."""
-    from PIL import Image
-
     from maskdino_lrp.cli import main
 
     folder = tmp_path / "model"
     model = tiny_rtdetr(version).float()
-    model.config.id2label, model.config.label2id = {0: "cat", 1: "dog", 2: "bird"}, {"cat": 0, "dog": 1, "bird": 2}
+    labels = label_settings()
+    model.config.id2label, model.config.label2id = labels["id2label"], labels["label2id"]
     model.save_pretrained(folder)
     # RT-DETR's processor resizes to a fixed size and does not normalise
     transformers.RTDetrImageProcessor(size={"height": 64, "width": 96}).save_pretrained(folder)
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(images / "a.png")
+    images = write_images(tmp_path / "images", ["a.png"], (50, 70, 3), seed=1)
     out = tmp_path / "run"
     args = ["explain", str(images), "--hf", str(folder), "--out", str(out), "--queries", "topk:2", "--no-progress",
             "--composite", "conservative"]
