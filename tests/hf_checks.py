@@ -7,13 +7,16 @@ a residual of order ε per layer, so 1e-5 relative is asserted at the cuts).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
 import torch
 
 from maskdino_lrp.lrp.engine import lrp_mode
+from maskdino_lrp.lrp.explainer import LRP
+from conftest import zero_additive_constants
 
 QUERIES = [0, 3, 5]
 CUT_STOPS = ["pixels", "backbone", "encoder_input", "memory"]
@@ -163,3 +166,36 @@ def write_images(folder, names: Sequence[str] = ("img0.png", "img1.png"), shape:
     for name in names:
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name)
     return folder
+
+
+def logits_under_hooks(model: torch.nn.Module, x: torch.Tensor, handles: Sequence) -> torch.Tensor:
+    """The model's class logits (Q, C) for ``pixel_values=x`` with the given hooks (e.g. detaching the inputs the
+    adapter books as positional), which are removed afterwards."""
+    try:
+        return model(pixel_values=x).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def encoder_only_checked(model: torch.nn.Module, image, queries=(2,)) -> Iterator[tuple]:
+    """With the additive constants zeroed and the conservative composite, ``Session.propagate`` from the memory's
+    relevance back to the encoder input keeps its sum (1e-6 relative); yields ``(session, memory relevance)``
+    for further checks and cleans the session up."""
+    zero_additive_constants(model)
+    session = LRP(model, composite="conservative").prepare(image)
+    try:
+        memory = session.backward(queries if isinstance(queries, str) else list(queries), "class",
+                                  ["memory"]).relevance["memory"]
+        back = session.propagate(memory, stops=["encoder_input"])
+        assert back["encoder_input"].sum().item() == pytest.approx(memory.sum().item(), rel=1e-6)
+        yield session, memory
+    finally:
+        session.cleanup()
+
+
+def assert_encoder_only_conserves(model: torch.nn.Module, image, queries=(2,)) -> None:
+    """:func:`encoder_only_checked` without further checks."""
+    with encoder_only_checked(model, image, queries):
+        pass

@@ -12,9 +12,9 @@ from maskdino_lrp.adapters import find_adapter  # noqa: E402
 from maskdino_lrp.adapters.conditional_detr import ConditionalDetrAdapter  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
-from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_conserves,
-                       assert_gradient_times_input, assert_kernels_reproduce_the_forward,
-                       assert_untouched_by_explaining, random_image, randomise, tiny_resnet)
+from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_conserves, assert_gradient_times_input,
+                       assert_kernels_reproduce_the_forward, assert_untouched_by_explaining, logits_under_hooks,
+                       random_image, randomise, tiny_resnet)
 
 
 def tiny_conditional_detr(seed: int = 0) -> torch.nn.Module:
@@ -62,13 +62,8 @@ def test_gradient_composite_is_autograd_gradient_times_input(image):
 
     handles = [layer.encoder_attn.register_forward_pre_hook(detach_spatial_query, with_kwargs=True)
                for layer in model.model.decoder.layers]
-    try:
-        x = ConditionalDetrAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
-        logits = model(pixel_values=x).logits[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert_gradient_times_input(expl, x, logits, QUERIES, atol_of_max=1e-9)
+    x = ConditionalDetrAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
+    assert_gradient_times_input(expl, x, logits_under_hooks(model, x, handles), QUERIES, atol_of_max=1e-9)
 
 
 def test_model_bit_identical_after_explaining_also_after_an_exception_and_batched_equals_single(image):

@@ -17,10 +17,9 @@ from maskdino_lrp.adapters.dab_detr import DabDetrAdapter  # noqa: E402
 from maskdino_lrp.lrp.engine import EngineError  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
-from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_conserves,
-                       assert_gradient_times_input, assert_kernels_reproduce_the_forward,
-                       assert_untouched_by_explaining, random_image, randomise_norm_statistics,
-                       randomise_parameters, tiny_resnet)
+from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_conserves, assert_gradient_times_input,
+                       assert_kernels_reproduce_the_forward, assert_untouched_by_explaining, logits_under_hooks,
+                       random_image, randomise_norm_statistics, randomise_parameters, tiny_resnet)
 
 SOFTMAX_TOL = 1e-6
 
@@ -95,13 +94,8 @@ def test_gradient_composite_is_autograd_gradient_times_input(image, monkeypatch)
     handles += [layer.self_attn.register_forward_pre_hook(
         lambda _m, args, kwargs: (args, {**kwargs, "object_queries": kwargs["object_queries"].detach()}),
         with_kwargs=True) for layer in model.model.encoder.layers]
-    try:
-        x = DabDetrAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
-        logits = model(pixel_values=x).logits[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert_gradient_times_input(expl, x, logits, QUERIES, atol_of_max=1e-9)
+    x = DabDetrAdapter().prepare(model, image).tensor.clone().requires_grad_(True)
+    assert_gradient_times_input(expl, x, logits_under_hooks(model, x, handles), QUERIES, atol_of_max=1e-9)
 
 
 def test_model_bit_identical_after_explaining_also_after_an_exception_and_batched_equals_single(image):

@@ -17,8 +17,8 @@ from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from maskdino_lrp.lrp.rules import Rule  # noqa: E402
 from conftest import zero_additive_constants
 from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
-                       assert_gradient_times_input, assert_untouched_by_explaining, random_image, randomise,
-                       tiny_resnet)
+                       assert_encoder_only_conserves, assert_gradient_times_input, assert_untouched_by_explaining,
+                       random_image, randomise, tiny_resnet)
 
 VARIANTS = {"single": {}, "refine": {"with_box_refine": True},
             "two_stage": {"with_box_refine": True, "two_stage": True}}
@@ -118,10 +118,4 @@ def test_batched_equals_one_query_at_a_time(image):
 
 
 def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
-    model = tiny_deformable_detr("single", seed=4)
-    zero_additive_constants(model)
-    session = LRP(model, composite="conservative").prepare(image)
-    whole = session.backward([2], "class", ["memory"])
-    back = session.propagate(whole.relevance["memory"], stops=["encoder_input"])
-    assert back["encoder_input"].sum().item() == pytest.approx(whole.relevance["memory"].sum().item(), rel=1e-6)
-    session.cleanup()
+    assert_encoder_only_conserves(tiny_deformable_detr("single", seed=4), image)

@@ -15,8 +15,8 @@ from maskdino_lrp.adapters.detr import DetrAdapter  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
 from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
-                       assert_gradient_times_input, assert_untouched_by_explaining, random_image, randomise,
-                       tiny_resnet)
+                       assert_gradient_times_input, assert_untouched_by_explaining, encoder_only_checked, random_image,
+                       randomise, tiny_resnet)
 
 
 def tiny_detr(seed: int = 0) -> torch.nn.Module:
@@ -90,15 +90,9 @@ def test_batched_equals_one_query_at_a_time(image):
 
 def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
     """Session.propagate through the adapter: the (bias-free, attention-constant) encoder conserves."""
-    model = tiny_detr(4)
-    zero_additive_constants(model)
-    session = LRP(model, composite="conservative").prepare(image)
-    whole = session.backward([2], "class", ["memory"])
-    back = session.propagate(whole.relevance["memory"], stops=["encoder_input"])
-    assert back["encoder_input"].sum().item() == pytest.approx(whole.relevance["memory"].sum().item(), rel=1e-6)
-    with pytest.raises(ValueError, match="towards the input"):
-        session.propagate(whole.relevance["memory"], stops=["decoder_layers"])
-    session.cleanup()
+    with encoder_only_checked(tiny_detr(4), image) as (session, memory):
+        with pytest.raises(ValueError, match="towards the input"):
+            session.propagate(memory, stops=["decoder_layers"])
 
 
 def test_default_composite_residual_is_the_first_cross_attention_softmax(image):

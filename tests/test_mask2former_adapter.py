@@ -8,7 +8,6 @@ semantic and panoptic targets) leave residuals of order 1e-8 … 1e-6 relative; 
 import contextlib
 import logging
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,7 +20,8 @@ from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from maskdino_lrp.lrp.targets import TargetError  # noqa: E402
 from conftest import randomise_deformable_heads, zero_additive_constants
 from hf_checks import (CUT_STOPS, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
-                       assert_untouched_by_explaining, random_image, randomise, tiny_resnet, write_images)
+                       assert_encoder_only_conserves, assert_untouched_by_explaining, random_image, randomise,
+                       tiny_resnet, write_images)
 
 # transformers warns that it validated Mask2Former with Swin backbones only; the ResNet one builds and runs
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -290,13 +290,7 @@ def test_segmentation_targets_refuse_the_no_object_class(image):
 
 def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
     """Session.propagate through the adapter: the (bias-free, value-rule) deformable encoder conserves."""
-    model = tiny_mask2former(4)
-    zero_additive_constants(model)
-    session = LRP(model, composite="conservative").prepare(image)
-    whole = session.backward("topk:1", "class", ["memory"])
-    back = session.propagate(whole.relevance["memory"], stops=["encoder_input"])
-    assert back["encoder_input"].sum().item() == pytest.approx(whole.relevance["memory"].sum().item(), rel=1e-6)
-    session.cleanup()
+    assert_encoder_only_conserves(tiny_mask2former(4), image, queries="topk:1")
 
 
 @pytest.mark.slow  # three runs and two validations: about 15 s on a loaded 2-core machine

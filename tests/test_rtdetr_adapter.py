@@ -21,8 +21,8 @@ from maskdino_lrp.lrp.engine import EngineError, lrp_mode  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
 from hf_checks import (CUT_STOPS, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
-                       assert_gradient_times_input, assert_untouched_by_explaining, label_settings, random_image,
-                       write_images)
+                       assert_encoder_only_conserves, assert_gradient_times_input, assert_untouched_by_explaining,
+                       label_settings, random_image, write_images)
 
 QUERIES = [0, 2, 4]
 VERSIONS = ["v1", "v2"]
@@ -218,13 +218,7 @@ def test_batched_equals_one_query_at_a_time(image):
 
 def test_encoder_only_mode_goes_from_the_memory_to_the_encoder_input(image):
     """Session.propagate from the memory tokens back through the (bias-free, attention-constant) hybrid encoder."""
-    model = tiny_rtdetr("v1", seed=4)
-    zero_additive_constants(model)
-    session = LRP(model, composite="conservative").prepare(image)
-    whole = session.backward([2], "class", ["memory"])
-    back = session.propagate(whole.relevance["memory"], stops=["encoder_input"])
-    assert back["encoder_input"].sum().item() == pytest.approx(whole.relevance["memory"].sum().item(), rel=1e-6)
-    session.cleanup()
+    assert_encoder_only_conserves(tiny_rtdetr("v1", seed=4), image)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
