@@ -200,6 +200,24 @@ class Adapter:
         raise NotImplementedError(f"the {self.name} adapter has no encoder-only mode")
 
 
+def pixel_decoder_stop_tensors(records: Records, stop: str) -> list[StopTensor] | None:
+    """The stops MaskDINO-style segmenters (MaskDINO, Mask2Former) record alike: the backbone's named feature maps,
+    the encoder's input and layers as tokens, the mask features as a map, the decoder layers sequence-first.
+    None for any other stop (the family's own: its memory, its query initialisation)."""
+    rec = records.tensors
+    if stop == "backbone":
+        return [StopTensor(stop, f"backbone.{name}", t, "map") for name, t in rec["backbone"].items()]
+    if stop == "encoder_input":
+        return [StopTensor(stop, stop, rec[stop], "tokens")]
+    if stop == "encoder_layers":
+        return [StopTensor(stop, f"encoder_layer{i}", t, "tokens") for i, t in enumerate(rec[stop])]
+    if stop == "mask_features":
+        return [StopTensor(stop, stop, rec[stop], "map")]
+    if stop == "decoder_layers":
+        return [StopTensor(stop, f"decoder_layer{i}", t, "sequence_first") for i, t in enumerate(rec[stop])]
+    return None
+
+
 @contextlib.contextmanager
 def hooks(handles: list) -> Iterator[None]:
     """Remove the hook handles on exit (also after an error)."""

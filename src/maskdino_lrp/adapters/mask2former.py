@@ -29,7 +29,7 @@ from torch import nn
 
 from ..lrp.engine import EngineError, Ledger, LedgerEntry
 from ..lrp.rules import AttentionSteps
-from .base import Cut, Records, StopTensor, hooks
+from .base import Cut, Records, StopTensor, hooks, pixel_decoder_stop_tensors
 from .hf_common import HFDetectionAdapter, HFDetections, append_output, book_output, is_hf_class, qkv_attention_kernel
 from .hf_deformable import deformable_kernel, is_deformable
 
@@ -245,21 +245,10 @@ class Mask2FormerAdapter(HFDetectionAdapter):
 
     def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
         rec = records.tensors
-        if stop == "backbone":
-            return [StopTensor(stop, f"backbone.{name}", t, "map") for name, t in rec["backbone"].items()]
-        if stop == "encoder_input":
-            return [StopTensor(stop, stop, rec[stop], "tokens")]
         if stop == "memory":  # the FPN's lateral convs with it: the cuts at the encoder input and at the memory
             return [StopTensor(stop, stop, rec[stop], "tokens")] + [
                 StopTensor(stop, f"lateral{i}", t, "map") for i, t in enumerate(rec["lateral"])]
-        if stop == "encoder_layers":
-            return [StopTensor(stop, f"encoder_layer{i}", t, "tokens") for i, t in enumerate(rec["encoder_layers"])]
-        if stop == "mask_features":
-            return [StopTensor(stop, "mask_features", rec["mask_features"], "map")]
-        if stop == "decoder_layers":
-            return [StopTensor(stop, f"decoder_layer{i}", t, "sequence_first")
-                    for i, t in enumerate(rec["decoder_layers"])]
-        return []
+        return pixel_decoder_stop_tensors(records, stop) or []
 
     def ledger_scope(self, stops: Sequence[str]) -> Callable[[LedgerEntry], bool]:
         if "pixels" in stops or "backbone" in stops:  # the backbone cut keeps the stages after its first feature

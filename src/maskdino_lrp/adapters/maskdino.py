@@ -20,7 +20,7 @@ from ..model.layers import Conv2d
 from ..model.maskdino import MaskDINO
 from ..model.pixel_decoder import MSDeformAttnTransformerEncoderLayer, encoder_call_inputs
 from ..model.swin import PatchMerging, SwinTransformerBlock, WindowAttention, window_attention
-from .base import Adapter, Cut, Records, StopTensor, hooks
+from .base import Adapter, Cut, Records, StopTensor, hooks, pixel_decoder_stop_tensors
 from .hf_deformable import deform_under_steps
 
 _PREDICTOR = "sem_seg_head.predictor"
@@ -285,23 +285,12 @@ class MaskDINOAdapter(Adapter):
 
     def stop_tensors(self, records: Records, stop: str, levels: Sequence) -> list[StopTensor]:
         rec = records.tensors
-        if stop == "backbone":
-            return [StopTensor(stop, f"backbone.{name}", t, "map") for name, t in rec["backbone"].items()]
-        if stop == "encoder_input":
-            return [StopTensor(stop, "encoder_input", rec["encoder_input"], "tokens")]
-        if stop == "encoder_layers":
-            return [StopTensor(stop, f"encoder_layer{i}", t, "tokens") for i, t in enumerate(rec["encoder_layers"])]
         if stop == "memory":
             return self._memory(rec["memory"], levels) + [
                 StopTensor(stop, f"lateral{i}", t, "map") for i, t in enumerate(rec["lateral"])]
-        if stop == "mask_features":
-            return [StopTensor(stop, "mask_features", rec["mask_features"], "map")]
         if stop == "query_init":
             return [StopTensor(stop, "query_init", rec["query_init"], "sequence_first")]
-        if stop == "decoder_layers":
-            return [StopTensor(stop, f"decoder_layer{i}", t, "sequence_first")
-                    for i, t in enumerate(rec["decoder_layers"])]
-        return []
+        return pixel_decoder_stop_tensors(records, stop) or []
 
     @staticmethod
     def _memory(maps: list[torch.Tensor], levels: Sequence) -> list[StopTensor]:
