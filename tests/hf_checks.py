@@ -199,3 +199,9 @@ def assert_encoder_only_conserves(model: torch.nn.Module, image, queries=(2,)) -
     """:func:`encoder_only_checked` without further checks."""
     with encoder_only_checked(model, image, queries):
         pass
+
+
+def plain_logits(model: torch.nn.Module, adapter, image) -> torch.Tensor:
+    """The untouched model's class logits (Q, C) for ``image`` as ``adapter`` prepares it."""
+    with torch.no_grad():
+        return model(pixel_values=adapter.prepare(model, image).tensor).logits[0]

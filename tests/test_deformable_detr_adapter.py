@@ -18,7 +18,7 @@ from maskdino_lrp.lrp.rules import Rule  # noqa: E402
 from conftest import zero_additive_constants
 from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
                        assert_encoder_only_conserves, assert_gradient_times_input, assert_untouched_by_explaining,
-                       random_image, randomise, tiny_resnet)
+                       plain_logits, random_image, randomise, tiny_resnet)
 
 VARIANTS = {"single": {}, "refine": {"with_box_refine": True},
             "two_stage": {"with_box_refine": True, "two_stage": True}}
@@ -39,11 +39,6 @@ def tiny_deformable_detr(variant: str = "single", seed: int = 0) -> torch.nn.Mod
 @pytest.fixture(scope="module")
 def image():
     return random_image()
-
-
-def plain_logits(model, adapter, image):
-    with torch.no_grad():
-        return model(pixel_values=adapter.prepare(model, image).tensor).logits[0]
 
 
 def test_adapter_is_found_and_the_kernel_reproduces_the_forward(image):

@@ -15,8 +15,8 @@ from maskdino_lrp.adapters.detr import DetrAdapter  # noqa: E402
 from maskdino_lrp.lrp.explainer import LRP  # noqa: E402
 from conftest import zero_additive_constants
 from hf_checks import (CUT_STOPS, QUERIES, assert_batched_equals_single, assert_biases_absorbed, assert_conserves,
-                       assert_gradient_times_input, assert_untouched_by_explaining, encoder_only_checked, random_image,
-                       randomise, tiny_resnet)
+                       assert_gradient_times_input, assert_untouched_by_explaining, encoder_only_checked, plain_logits,
+                       random_image, randomise, tiny_resnet)
 
 
 def tiny_detr(seed: int = 0) -> torch.nn.Module:
@@ -32,11 +32,6 @@ def tiny_detr(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def image():
     return random_image()
-
-
-def plain_logits(model, adapter, image):
-    with torch.no_grad():
-        return model(pixel_values=adapter.prepare(model, image).tensor).logits[0]
 
 
 def test_adapter_is_found_and_offers_its_stops():
