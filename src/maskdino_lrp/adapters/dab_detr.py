@@ -25,7 +25,7 @@ from ..lrp.engine import EngineError, Ledger
 from ..lrp.rules import AttentionSteps
 from .base import Records, hooks
 from .detr import DetrAdapter
-from .hf_common import append_output, attend, book_input
+from .hf_common import attend, book_input, memory_and_layer_hooks
 
 _POSITIONAL_INPUTS = ("self_attn_query_pos_proj", "self_attn_key_pos_proj", "cross_attn_query_pos_proj",
                       "cross_attn_key_pos_proj", "cross_attn_query_pos_sine_proj")
@@ -80,7 +80,6 @@ class DabDetrAdapter(DetrAdapter):
         """Hooks recording the stops and booking the decoder's positional inputs."""
         records = Records()
         rec = records.tensors
-        rec.update(encoder_layers=[], decoder_layers=[])
         inner = model.model
 
         def on_backbone(_m, _args, out):  # ([(feature map, mask)] per stage, positions); DAB-DETR reads the last
@@ -90,16 +89,9 @@ class DabDetrAdapter(DetrAdapter):
         def on_encoder(_m, _args, kwargs):
             rec["encoder_input"] = kwargs["inputs_embeds"]
 
-        def on_decoder(_m, _args, kwargs):
-            rec["memory"] = kwargs["encoder_hidden_states"]
-
         handles = [inner.backbone.register_forward_hook(on_backbone),
                    inner.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True),
-                   inner.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
-        handles += [layer.register_forward_hook(append_output(rec["encoder_layers"], _first))
-                    for layer in inner.encoder.layers]
-        handles += [layer.register_forward_hook(append_output(rec["decoder_layers"], _first))
-                    for layer in inner.decoder.layers]
+                   *memory_and_layer_hooks(rec, inner.decoder, inner.encoder.layers, _first)]
         for name, module in inner.decoder.named_modules():
             if name.rsplit(".", 1)[-1] in _POSITIONAL_INPUTS and module is not None:
                 handles.append(module.register_forward_pre_hook(book_input(ledger, f"model.decoder.{name}.input")))

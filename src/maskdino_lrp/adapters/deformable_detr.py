@@ -28,7 +28,7 @@ from torch import nn
 
 from ..lrp.engine import Ledger
 from .base import Cut, Records, hooks
-from .hf_common import HFDetectionAdapter, append_output, book_finite, book_input, last_output
+from .hf_common import HFDetectionAdapter, book_finite, book_input, last_output, memory_and_layer_hooks
 
 
 def _stage_prefixes(model: nn.Module, feature: int) -> tuple[str, ...] | None:
@@ -60,7 +60,7 @@ class DeformableDetrAdapter(HFDetectionAdapter):
         """Hooks recording the stops; two-stage, the proposals' sine embedding is booked as positional."""
         records = Records()
         rec = records.tensors
-        rec.update(encoder_layers=[], decoder_layers=[], stage_prefixes=_stage_prefixes(model, 0))
+        rec["stage_prefixes"] = _stage_prefixes(model, 0)
         inner = model.model
 
         def on_backbone(_m, _args, out):  # [(feature map, mask)] per backbone output
@@ -70,14 +70,9 @@ class DeformableDetrAdapter(HFDetectionAdapter):
             rec["encoder_input"] = kwargs["inputs_embeds"]
             records.spatial_shapes = [tuple(int(v) for v in s) for s in kwargs["spatial_shapes_list"]]
 
-        def on_decoder(_m, _args, kwargs):
-            rec["memory"] = kwargs["encoder_hidden_states"]
-
         handles = [inner.backbone.register_forward_hook(on_backbone),
                    inner.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True),
-                   inner.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
-        handles += [layer.register_forward_hook(append_output(rec["encoder_layers"])) for layer in inner.encoder.layers]
-        handles += [layer.register_forward_hook(append_output(rec["decoder_layers"])) for layer in inner.decoder.layers]
+                   *memory_and_layer_hooks(rec, inner.decoder, inner.encoder.layers)]
         if getattr(inner, "pos_trans", None) is not None:
             handles.append(inner.pos_trans.register_forward_pre_hook(book_input(ledger, "model.pos_trans.input")))
         decoder = inner.decoder

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..lrp.engine import Ledger
 from .base import Cut, Records, hooks
-from .hf_common import IMAGENET_MEAN, IMAGENET_STD, HFDetectionAdapter, append_output, read_preprocessor
+from .hf_common import IMAGENET_MEAN, IMAGENET_STD, HFDetectionAdapter, memory_and_layer_hooks, read_preprocessor
 
 __all__ = ["DetrAdapter", "IMAGENET_MEAN", "IMAGENET_STD", "read_preprocessor"]
 
@@ -39,7 +39,6 @@ class DetrAdapter(HFDetectionAdapter):
         """Hooks recording the stops (the attention kernels book the position embeddings they use)."""
         records = Records()
         rec = records.tensors
-        rec.update(encoder_layers=[], decoder_layers=[])
         detr = model.model
 
         def on_backbone(_m, _args, out):  # [(feature map, mask)] per backbone stage; DETR reads the last
@@ -49,14 +48,9 @@ class DetrAdapter(HFDetectionAdapter):
         def on_encoder(_m, args, kwargs):
             rec["encoder_input"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
 
-        def on_decoder(_m, args, kwargs):
-            rec["memory"] = kwargs["encoder_hidden_states"]
-
         handles = [detr.backbone.register_forward_hook(on_backbone),
                    detr.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True),
-                   detr.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
-        handles += [layer.register_forward_hook(append_output(rec["encoder_layers"])) for layer in detr.encoder.layers]
-        handles += [layer.register_forward_hook(append_output(rec["decoder_layers"])) for layer in detr.decoder.layers]
+                   *memory_and_layer_hooks(rec, detr.decoder, detr.encoder.layers)]
         with hooks(handles):
             yield records
 

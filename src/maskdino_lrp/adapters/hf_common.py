@@ -28,7 +28,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from .hf_deformable import deformable_kernel, is_deformable
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HFInput", "HFDetections", "HFDetectionAdapter", "is_hf_class",
            "is_frozen_norm", "read_preprocessor", "attend", "qkv_attention_kernel", "book_output", "book_input",
-           "append_output", "chain_detaches", "book_finite", "last_output"]
+           "append_output", "chain_detaches", "book_finite", "last_output", "memory_and_layer_hooks"]
 
 # transformers.activations classes that are parameterless elementwise functions rebuilt by calling the class
 _ACTIVATIONS = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
@@ -186,6 +186,20 @@ def book_input(ledger: Ledger, name: str, category: str = "positional") -> Calla
 def append_output(into: list, pick: Callable[[Any], torch.Tensor] | None = None) -> Callable:
     """A forward hook appending a module's output (or ``pick(output)``) to ``into`` (one entry per layer)."""
     return lambda _m, _args, out: into.append(pick(out) if pick is not None else out)
+
+
+def memory_and_layer_hooks(rec: dict, decoder: nn.Module, encoder_layers: Iterable[nn.Module],
+                           pick: Callable[[Any], torch.Tensor] | None = None) -> list:
+    """Forward hooks recording ``rec["memory"]`` (the decoder's ``encoder_hidden_states``) and each encoder and
+    decoder layer's output in ``rec["encoder_layers"]`` / ``rec["decoder_layers"]`` (``pick``: from a tuple)."""
+    def on_decoder(_m, _args, kwargs):
+        rec["memory"] = kwargs["encoder_hidden_states"]
+
+    return [decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
+            *(layer.register_forward_hook(append_output(rec.setdefault("encoder_layers", []), pick))
+              for layer in encoder_layers),
+            *(layer.register_forward_hook(append_output(rec.setdefault("decoder_layers", []), pick))
+              for layer in decoder.layers)]
 
 
 def last_output(into: dict, key: str) -> Callable:

@@ -30,7 +30,7 @@ from torch import nn
 from ..lrp.engine import EngineError, Ledger
 from ..model import deform_attn as da
 from .base import Cut, Records, StopTensor, hooks
-from .hf_common import HFDetectionAdapter, append_output, book_finite, is_hf_class, last_output
+from .hf_common import HFDetectionAdapter, book_finite, is_hf_class, last_output, memory_and_layer_hooks
 from .hf_deformable import deformable_kernel, is_deformable
 
 _UPSTREAM_OF_ENCODER = ("model.backbone.", "model.encoder_input_proj.")
@@ -96,7 +96,7 @@ class RTDetrAdapter(HFDetectionAdapter):
         """Hooks recording the stops (the attention kernels book the position embeddings they use)."""
         records = Records()
         rec = records.tensors
-        rec.update(encoder_layers=[], decoder_layers=[], upstream=_stage_prefixes(model))
+        rec["upstream"] = _stage_prefixes(model)
         inner = model.model
 
         def on_backbone(_m, _args, out):  # [(feature map, mask)] per backbone stage
@@ -106,15 +106,14 @@ class RTDetrAdapter(HFDetectionAdapter):
             rec["encoder_input"] = list(kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0])
 
         def on_decoder(_m, _args, kwargs):
-            rec.update(memory=kwargs["encoder_hidden_states"], query_init=kwargs["inputs_embeds"])
+            rec["query_init"] = kwargs["inputs_embeds"]
             records.spatial_shapes = [(int(h), int(w)) for h, w in kwargs["spatial_shapes_list"]]
 
         handles = [inner.backbone.register_forward_hook(on_backbone),
                    inner.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True),
-                   inner.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
-        handles += [layer.register_forward_hook(append_output(rec["encoder_layers"]))
-                    for aifi in inner.encoder.aifi for layer in aifi.layers]
-        handles += [layer.register_forward_hook(append_output(rec["decoder_layers"])) for layer in inner.decoder.layers]
+                   inner.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
+                   *memory_and_layer_hooks(rec, inner.decoder,
+                                           [layer for aifi in inner.encoder.aifi for layer in aifi.layers])]
         decoder, rec["box_deltas"] = inner.decoder, {}
 
         def on_last_layer(_m, _args, kwargs):  # the box the last layer refines (B, Q, 1, 4)
