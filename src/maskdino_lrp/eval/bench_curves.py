@@ -42,8 +42,8 @@ class _Replay(Method):
             self.cache[key] = self.method.attribute_batch(model, prepared, queries, labels)
         return self.cache[key]
 
-    def _maps(self, model, prepared, queries, labels):  # pragma: no cover - attribute_batch is overridden
-        raise NotImplementedError
+    def _maps(self, model, prepared, queries, labels):
+        return self.method._maps(model, prepared, queries, labels)  # uncached: attribute_batch replays
 
 
 def _faithfulness(part: dict[str, Any]) -> dict[tuple, float]:
