@@ -220,3 +220,29 @@ def test_sparse_core_with_constant_weights_has_the_value_gradient_also_batched()
         torch.testing.assert_close(torch.autograd.grad(out, v, rows[i], retain_graph=True)[0], expected,
                                    atol=1e-12, rtol=0)
         torch.testing.assert_close(batched[i], expected, atol=1e-12, rtol=0)
+
+
+def test_constant_corner_table_is_the_per_level_corners_bit_for_bit():
+    """The sparse path's (level, point, corner) rows and weights, built per level without autograd, are
+    exactly the per-level bilinear corners × attention weights — for samples inside, on the border,
+    outside every side, at integer and half-pixel positions, in float32 and float64."""
+    shapes = [(5, 4), (2, 3), (1, 1)]
+    starts = [0, 20, 26]
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        value = torch.zeros(3, 27, 2, 4, dtype=dtype)
+        loc = torch.rand(3, 7, 2, 3, 4, 2, generator=g, dtype=dtype) * 1.6 - 0.3  # some outside the map
+        loc[0, 0, 0, 0] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5 / 4, 0.5 / 5], [1.25, -0.25]], dtype=dtype)
+        w = torch.rand(3, 7, 2, 3, 4, generator=g, dtype=dtype)
+        rows, weights = da._constant_corners(value, shapes, starts, loc, w)
+        per_level = da._weighted_corners(value, shapes, starts, loc, w)
+        expected_rows = torch.cat([r for r, _ in per_level], -1).reshape(rows.shape)
+        expected_weights = torch.cat([x for _, x in per_level], -1).reshape(weights.shape)
+        assert torch.equal(rows.long(), expected_rows)
+        assert torch.equal(weights, expected_weights)
+        assert (weights == 0).any() and (weights > 0).any()  # both outside and inside corners were exercised
+        # rows index the (batch, head, token) table: each row's nonzero corners stay in its own batch/head block
+        block = rows.long() // 27
+        n_idx = torch.arange(3).view(3, 1, 1).expand(3, 7, 2).reshape(-1, 1)
+        h_idx = torch.arange(2).view(1, 1, 2).expand(3, 7, 2).reshape(-1, 1)
+        assert torch.equal(block, (n_idx * 2 + h_idx).expand_as(block))

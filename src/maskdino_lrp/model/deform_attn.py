@@ -282,6 +282,52 @@ def _weighted_corners(value: torch.Tensor, shapes: list[tuple[int, int]], starts
     return out
 
 
+def _constant_corners(value: torch.Tensor, shapes: list[tuple[int, int]], starts: list[int],
+                      sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_weighted_corners` for constant locations and weights, as one (N·Lq·H, L·P·4) table of rows
+    and one of weights (level, point, corner within a row): bit-identical values, built without autograd.
+
+    Per level, the arithmetic of :func:`bilinear_corners` on contiguous tensors with the level's size
+    as a Python number, each axis's two neighbours clamped and tested once, every corner written
+    straight into its place — no concatenation along a short last dimension (slow on CPU).
+    """
+    n, len_in, m, _ = value.shape
+    _, len_q, _, levels, points, _ = sampling_locations.shape
+    device = sampling_locations.device
+    index = torch.int32 if n * m * len_in < 2**31 else torch.int64
+    with torch.no_grad():
+        loc = sampling_locations.permute(5, 3, 0, 1, 2, 4).contiguous()  # (2, L, N, Lq, H, P)
+        att = attention_weights.permute(3, 0, 1, 2, 4).contiguous()  # (L, N, Lq, H, P)
+        rows = torch.empty((n, len_q, m, levels, points, 4), dtype=index, device=device)
+        weights = torch.empty((n, len_q, m, levels, points, 4), dtype=loc.dtype, device=device)
+        base = ((torch.arange(n, device=device).view(n, 1, 1, 1) * m
+                 + torch.arange(m, device=device).view(1, 1, m, 1)) * len_in).to(index)  # (N, 1, H, 1)
+        for lvl, (h, w) in enumerate(shapes):
+            x = (2 * loc[0, lvl] - 1 + 1) * (w / 2) - 0.5
+            y = (2 * loc[1, lvl] - 1 + 1) * (h / 2) - 0.5
+            x0 = torch.floor(x)
+            y0 = torch.floor(y)
+            dx = x - x0
+            dy = y - y0
+            x0i = x0.to(index)
+            y0i = y0.to(index)
+            xs = (x0i, x0i + 1)
+            ys = (y0i, y0i + 1)
+            wx = [(1 - dx) * ((xs[0] >= 0) & (xs[0] < w)), dx * ((xs[1] >= 0) & (xs[1] < w))]
+            wy = [(1 - dy) * ((ys[0] >= 0) & (ys[0] < h)), dy * ((ys[1] >= 0) & (ys[1] < h))]
+            cols = [xi.clamp(0, w - 1) for xi in xs]
+            offset = base + starts[lvl]
+            lines = [torch.add(yi.clamp(0, h - 1) * w, offset) for yi in ys]
+            corner = 0
+            for oy in (0, 1):
+                for ox in (0, 1):  # bilinear_corners' order: top-left, top-right, bottom-left, bottom-right
+                    torch.add(lines[oy], cols[ox], out=rows[:, :, :, lvl, :, corner])
+                    torch.mul(wy[oy] * wx[ox], att[lvl], out=weights[:, :, :, lvl, :, corner])
+                    corner += 1
+    return rows.view(n * len_q * m, -1), weights.view(n * len_q * m, -1)
+
+
 def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
                         level_start_index: torch.Tensor | Sequence[int] | None, sampling_locations: torch.Tensor,
                         attention_weights: torch.Tensor) -> torch.Tensor:
@@ -294,19 +340,17 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
     n, len_in, m, d = value.shape
     len_q = sampling_locations.shape[1]
     table = value.transpose(1, 2).reshape(n * m * len_in, d)
-    levels = _weighted_corners(value, shapes, starts, sampling_locations, attention_weights)
     constant_weights = not (sampling_locations.requires_grad or attention_weights.requires_grad)
     if not torch.is_grad_enabled() or constant_weights:
         # inference, or the LRP value path (locations and weights constant): one sparse
         # (N·Lq·H) × (N·H·Len_in) matrix; its backward multiplies by the transpose
-        rows = torch.cat([r for r, _ in levels], -1).reshape(n * len_q * m, -1)
-        weights = torch.cat([w for _, w in levels], -1).reshape(n * len_q * m, -1).to(_sparse_dtype(table.dtype))
-        matrix = _SparseRows(rows, weights.detach(), n * m * len_in)
+        rows, weights = _constant_corners(value, shapes, starts, sampling_locations, attention_weights)
+        matrix = _SparseRows(rows, weights.to(_sparse_dtype(table.dtype)), n * m * len_in)
         if not torch.is_grad_enabled() or not table.requires_grad:
             return matrix.matmul(table).view(n, len_q, m * d)
         return _SparseMatmul.apply(matrix, table, False).view(n, len_q, m * d)
     out = None
-    for rows, weights in levels:
+    for rows, weights in _weighted_corners(value, shapes, starts, sampling_locations, attention_weights):
         gathered = table.index_select(0, rows.reshape(-1)).view(n * len_q * m, rows.shape[-1], d)
         # a multiply-and-sum, not bmm: bmm's backward for these tiny matrices is 2x slower on CPU, and the
         # LRP runs one backward per explained query
