@@ -37,12 +37,15 @@ import inspect
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..lrp.composites import Composite
 
 __all__ = [
     "AttributionMaps", "Method", "MethodError", "register_method", "get_method", "method_names",
@@ -211,16 +214,17 @@ def get_method(name: str, **options: Any) -> Method:
 
 # ----------------------------------------------------------------------------- ours: LRP
 class LRPMethod(Method):
-    """LRP with a composite preset (the engine in ``maskdino_lrp.lrp``); K queries in one batched backward.
+    """LRP with a composite (a preset name or a :class:`~maskdino_lrp.lrp.composites.Composite`; the method is
+    called ``lrp-<name>``), the engine in ``maskdino_lrp.lrp``; K queries in one batched backward.
 
     Extras per map: the pixel cut's conservation report — target, total (pixels + padding), bias,
     embeddings, positional, residual.
     """
 
-    def __init__(self, composite: str = "default", chunk_size: int | None = 16):
+    def __init__(self, composite: str | Composite = "default", chunk_size: int | None = 16):
         self.composite = composite
         self.chunk_size = chunk_size
-        self.name = f"lrp-{composite}"
+        self.name = f"lrp-{composite if isinstance(composite, str) else composite.name}"
 
     def _maps(self, model, prepared, queries, labels):
         from ..lrp.explainer import LRP
