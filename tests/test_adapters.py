@@ -133,6 +133,6 @@ def test_group_patterns_follow_the_adapter():
     net.add_module("body", nn.Sequential(nn.Conv2d(1, 1, 1)))
     net.add_module("backbone", nn.Sequential(nn.Conv2d(1, 1, 1)))
     with lrp_mode(net, "default", adapter=Elsewhere()) as state:
-        assert state.rules["body.0"].name == "gamma" and state.rules["backbone.0"].name == "epsilon"
+        assert state.rules["body.0"].name == "zplus" and state.rules["backbone.0"].name == "epsilon"
     with lrp_mode(net, "default", adapter=Adapter()) as state:
-        assert state.rules["body.0"].name == "epsilon" and state.rules["backbone.0"].name == "gamma"
+        assert state.rules["body.0"].name == "epsilon" and state.rules["backbone.0"].name == "zplus"

@@ -57,8 +57,8 @@ def test_composite_assignment_first_layer_then_names_then_kinds():
     c = get_composite("default")
     conv = nn.Conv2d(3, 3, 3)
     assert c.rule_for("backbone.stem.conv1", conv, is_first_layer=True).name == "zbox"
-    assert c.rule_for("backbone.res2.0.conv1", conv).name == "gamma"
-    assert c.rule_for("backbone.stem.max_pool", nn.MaxPool2d(3)).name == "wta"  # gamma does not apply to pools
+    assert c.rule_for("backbone.res2.0.conv1", conv).name == "zplus"
+    assert c.rule_for("backbone.stem.max_pool", nn.MaxPool2d(3)).name == "wta"  # z+ does not apply to pools
     assert c.rule_for("sem_seg_head.pixel_decoder.mask_features", conv).name == "epsilon"
     assert get_composite("ah").rule_for("x", nn.MultiheadAttention(8, 2)).name == "ah"
 

@@ -61,7 +61,7 @@ def _linear_epsilon(e: float) -> Transform:
 # dimension → option → how it changes the default (the default's own option is "default")
 DIMENSIONS: dict[str, dict[str, Transform]] = {
     "backbone gamma": {"gamma-0": lambda c: replace(c, by_name=[]), "gamma-0.1": _gamma(0.1),
-                       "gamma-0.5": _gamma(0.5), "gamma-1": _gamma(1.0), "gamma-2": _gamma(2.0),
+                       "gamma-0.25": _gamma(0.25), "gamma-0.5": _gamma(0.5), "gamma-1": _gamma(1.0), "gamma-2": _gamma(2.0),
                        "backbone-zplus": lambda c: replace(c, by_name=[("@backbone", Rule("zplus"))]),
                        "gamma-by-stage": _gamma_by_stage},
     "linear epsilon": {"linear-eps-0.01": _linear_epsilon(0.01), "linear-eps-0.1": _linear_epsilon(0.1)},
@@ -254,10 +254,23 @@ def run_phase(args: argparse.Namespace) -> None:
         methods = ["lrp-default"] + ([_method(composite)] if composite is not None else [])
         if args.baselines:  # the held-out run is also the comparison with every method that is not LRP
             methods += [m for m in DEFAULT_METHODS if m not in LRP_METHODS]
-        _evaluate(root / "confirm", methods, args.heldout_seed, args.heldout_images, args, args.heldout_units)
+        _evaluate(root / ("confirm-all" if args.baselines else "confirm"), methods, args.heldout_seed,
+                  args.heldout_images, args, args.heldout_units)
         return
     report = write_report(root, select, combine, choice, reps, args, _combine_folder(root, winners))
     print(report)
+
+
+def change_of(option: str) -> str:
+    """What an option changes in the default composite, as rules (for the report)."""
+    base, c = get_composite(DEFAULT), candidate(option)
+    parts = [f"{kind}: {c.by_kind[kind]!r}" for kind in c.by_kind if c.by_kind[kind] != base.by_kind.get(kind)]
+    if c.by_name != base.by_name:
+        parts.append("by name: " + (", ".join(f"{p} → {r!r}" for p, r in c.by_name) or "none (the kind's rule)"))
+    if c.first_layer != base.first_layer:
+        parts.append(f"first layer: {c.first_layer!r}" if c.first_layer is not None
+                     else "first layer: no special rule (its group's / kind's rule)")
+    return "; ".join(parts)
 
 
 def _fmt(e: M.Estimate, digits: int = 3) -> str:
@@ -268,14 +281,17 @@ def write_report(root: Path, select: dict, combine: dict, choice: dict, reps: Se
                  args: argparse.Namespace, combine_folder: Path) -> str:
     """The study's Markdown (selection table, dimension winners, held-out comparison, verdict); also
     written to ``args.md`` when given."""
-    confirm_records = _records(root / "confirm")
+    confirm_records = _records(root / "confirm" if (root / "confirm").exists() else root / "confirm-all")
     chosen = choice["chosen"]
     lines = ["# Composite study (demo model)", "",
              f"Selection seed {args.seed} ({args.images} images, the highest-scoring matched detection each), "
              f"held-out seed {args.heldout_seed} ({args.heldout_images} images); pixel curves in {args.steps} steps, "
              f"replacements {', '.join(reps)}; score = pixel SRG (AUC(LIF) − AUC(MIF)) averaged over the "
              f"replacements; eligible = mass accuracy ≥ the default's − {MASS_TOLERANCE}.", "",
-             "## Selection seed: one change at a time", "",
+             f"Reference: the `default` composite — {get_composite(DEFAULT).describe()}".replace("\n", "; "), "",
+             "| option | change |", "|---|---|"]
+    lines += [f"| {o} | {change_of(o)} |" for o in _all_options()]
+    lines += ["", "## Selection seed: one change at a time", "",
              "| method | change | score | " + " | ".join(f"SRG @{r}" for r in reps) + " | mass acc. | eligible |",
              "|---|---|---|" + "---|" * len(reps) + "---|---|"]
     floor = select["lrp-default"]["mass_accuracy"].mean - MASS_TOLERANCE
