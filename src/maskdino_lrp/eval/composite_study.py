@@ -252,6 +252,9 @@ def run_phase(args: argparse.Namespace) -> None:
         composite = tuned if chosen == "lrp-study-tuned" else candidate(chosen.removeprefix("lrp-study-")) \
             if chosen != "lrp-default" else None
         methods = ["lrp-default"] + ([_method(composite)] if composite is not None else [])
+        if composite is not None and composite == replace(get_composite(DEFAULT), name=composite.name):
+            raise ValueError(f"the chosen composite ({chosen}) is the default now: there is nothing to confirm; "
+                             f"compare the methods with `maskdino-lrp evaluate` instead")
         if args.baselines:  # the held-out run is also the comparison with every method that is not LRP
             methods += [m for m in DEFAULT_METHODS if m not in LRP_METHODS]
         _evaluate(root / ("confirm-all" if args.baselines else "confirm"), methods, args.heldout_seed,
