@@ -101,7 +101,8 @@ def test_pair_score_and_paired_advantage_by_hand():
 def test_method_scores_average_the_replacements_per_pair_before_the_mean():
     scores = cs.method_scores(_records(), ["mean", "zero"])
     rows = [r for r in _records() if r["method"] == "lrp-default"]
-    assert scores["lrp-default"]["score"].mean == pytest.approx(np.mean([(r["srg@mean"] + r["srg@zero"]) / 2 for r in rows]))
+    by_hand = np.mean([(r["srg@mean"] + r["srg@zero"]) / 2 for r in rows])
+    assert scores["lrp-default"]["score"].mean == pytest.approx(by_hand)
     assert scores["lrp-default"]["srg@zero"].mean == pytest.approx(np.mean([r["srg@zero"] for r in rows]))
     assert scores["x"]["mass_accuracy"].n == 6  # the pair without a mass accuracy is not counted
 
@@ -124,5 +125,6 @@ def test_phases_after_select_need_its_table_and_later_selection_folders_add_meth
     records = cs._select_records(tmp_path)
     assert [(r["method"], r["srg@mean"]) for r in records][:2] == [("lrp-default", 0.5), ("a", 0.25)]
     assert len(records) == 3 and records[2]["method"] == "b" and math.isnan(records[2]["srg@mean"])
-    assert cs._combine_folder(tmp_path, {"x": "default", "y": "mha-ah", "z": "gamma-1"}).name == "combine-gamma-1+mha-ah"
+    folder = cs._combine_folder(tmp_path, {"x": "default", "y": "mha-ah", "z": "gamma-1"})
+    assert folder.name == "combine-gamma-1+mha-ah"
     assert cs._combine_folder(tmp_path, {"x": "default"}).name == "combine-default"

@@ -51,7 +51,8 @@ def _gamma_by_stage(c: Composite) -> Composite:
     # more gamma near the pixels, less near the transformer (Montavon et al. 2019's layer-type advice)
     stages = [("backbone.stem.*", 0.5), ("backbone.res2.*", 0.5), ("backbone.res3.*", 0.25),
               ("backbone.res4.*", 0.1), ("backbone.res5.*", 0.1)]
-    return replace(c, by_name=[(p, Rule("gamma", gamma=g)) for p, g in stages] + [("@backbone", Rule("gamma", gamma=0.25))])
+    rules = [(p, Rule("gamma", gamma=g)) for p, g in stages]
+    return replace(c, by_name=rules + [("@backbone", Rule("gamma", gamma=0.25))])
 
 
 def _linear_epsilon(e: float) -> Transform:
@@ -61,7 +62,8 @@ def _linear_epsilon(e: float) -> Transform:
 # dimension → option → how it changes the default (the default's own option is "default")
 DIMENSIONS: dict[str, dict[str, Transform]] = {
     "backbone gamma": {"gamma-0": lambda c: replace(c, by_name=[]), "gamma-0.1": _gamma(0.1),
-                       "gamma-0.25": _gamma(0.25), "gamma-0.5": _gamma(0.5), "gamma-1": _gamma(1.0), "gamma-2": _gamma(2.0),
+                       "gamma-0.25": _gamma(0.25), "gamma-0.5": _gamma(0.5), "gamma-1": _gamma(1.0),
+                       "gamma-2": _gamma(2.0),
                        "backbone-zplus": lambda c: replace(c, by_name=[("@backbone", Rule("zplus"))]),
                        "gamma-by-stage": _gamma_by_stage},
     "linear epsilon": {"linear-eps-0.01": _linear_epsilon(0.01), "linear-eps-0.1": _linear_epsilon(0.1)},
