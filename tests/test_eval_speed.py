@@ -75,3 +75,33 @@ def test_token_score_at_batch_one_features_equals_the_expanded_features(model):
     # all tokens kept is the clean forward; score() of shared outputs is the pair's (B, 2) columns
     torch.testing.assert_close(a["pred_logits"][0], outputs["pred_logits"][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared(keep), shared.score(b), rtol=1e-5, atol=1e-6)
+
+
+def test_without_memory_measurement_each_method_runs_once_per_image_and_the_maps_are_unchanged(model):
+    """With the randomisation test off, the second call of a method serves only the memory column:
+    ``measure_memory=False`` skips it (half the attribution calls), leaves the peak empty and changes no
+    other number."""
+    results = {}
+    for measure in (True, False):
+        ctx = _context(model, reuse=True)
+        ctx.settings.measure_memory = measure
+        method = ctx.methods["gradient"]
+        calls = []
+        original = method.attribute_batch
+
+        def counted(*args, _original=original, **kwargs):
+            calls.append(1)
+            return _original(*args, **kwargs)
+
+        method.attribute_batch = counted
+        ctx.warmed_up = True  # count only the evaluated calls
+        part = evaluate_image(0, ctx)
+        results[measure] = (len(calls), part["records"])
+    (calls_on, rows_on), (calls_off, rows_off) = results[True], results[False]
+    assert calls_on == 2 and calls_off == 1
+    assert rows_on and len(rows_on) == len(rows_off)
+    for a, b in zip(rows_on, rows_off):
+        assert np.isnan(b["peak_memory_mib"]) and np.isfinite(a["peak_memory_mib"])
+        for key in a:
+            if key not in ("seconds", "peak_memory_mib") and isinstance(a[key], float) and np.isfinite(a[key]):
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key

@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--any-class", action="store_true", help="match detections to objects regardless of class")
     p.add_argument("--max-pairs-per-image", type=int, default=None)
     p.add_argument("--no-randomisation", action="store_true", help="skip the model-randomisation test")
+    p.add_argument("--no-memory", action="store_true",
+                   help="do not measure each method's peak memory (a second call per image; with --no-randomisation "
+                        "it is only for the memory column)")
     p.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps (default 16)")
     p.add_argument("--smoothgrad-samples", type=int, default=16, help="SmoothGrad samples (default 16)")
     p.add_argument("--drise-masks", type=int, default=500, help="D-RISE random masks per image (default 500)")
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, image_size=args.image_size,
             score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
             require_class=not args.any_class, max_pairs_per_image=args.max_pairs_per_image,
-            randomisation=not args.no_randomisation, device=args.device,
+            randomisation=not args.no_randomisation, measure_memory=not args.no_memory, device=args.device,
             method_options={"integrated-gradients": {"n_steps": args.ig_steps},
                             "smoothgrad": {"nt_samples": args.smoothgrad_samples},
                             "d-rise": {"n_masks": args.drise_masks}},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -109,6 +110,9 @@ def _attribute_all(ctx: ImageContext, prepared: Any, pairs: list[Pair], part: di
             # same size (the randomised model's, else a repeat), so the memory sampler and its
             # malloc_trim cannot slow the timed call
             maps = method.attribute_batch(model, prepared, queries, labels)
+            if random_model is None and not settings.measure_memory:  # the second call would only measure memory
+                done[name] = (maps, None, math.nan)
+                continue
             with M.PeakMemory(settings.device) as memory:
                 second = method.attribute_batch(random_model if random_model is not None else model,
                                                 prepared, queries, labels)

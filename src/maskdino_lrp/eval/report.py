@@ -206,10 +206,12 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
            "FPN lateral path is not perturbed"] if "tokens" in settings.units else []),
         f"- pointing game tolerance {settings.pointing_tolerance} px; intervals: Student-t 95 % over pairs",
         "- cost: seconds / explanation = wall time of the evaluated call ÷ the image's K pairs (LRP explains "
-        "the K queries in one batched backward, the others loop); peak memory from a second call of the same "
-        "size" + (" (on the randomised model)" if settings.randomisation else "")
-        + (", CUDA allocator peak" if settings.device.startswith("cuda") else
-           ", CPU resident-set growth sampled every 2 ms (approximate)"),
+        "the K queries in one batched backward, the others loop); "
+        + ("peak memory not measured (--no-memory)" if not (settings.measure_memory or settings.randomisation) else
+           "peak memory from a second call of the same size"
+           + (" (on the randomised model)" if settings.randomisation else "")
+           + (", CUDA allocator peak" if settings.device.startswith("cuda") else
+              ", CPU resident-set growth sampled every 2 ms (approximate)")),
         "- conservation error: |ΣR(pixels + padding) − target| / |target| for LRP; for integrated-gradients "
         "its completeness error |Σ attributions − (f(x) − f(baseline))| / |f(x) − f(baseline)|",
         "- randomisation: Spearman correlation of each map with the same method's map on a freshly initialised "

@@ -99,6 +99,7 @@ class EvalSettings:
     require_class: bool = True
     max_pairs_per_image: int | None = None
     randomisation: bool = True
+    measure_memory: bool = True  # a second call of each method per image under the memory sampler
     batch_size: int = 16  # perturbed images per forward (all curves of a pair share the batches)
     device: str = "cpu"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
