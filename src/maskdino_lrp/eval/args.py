@@ -11,7 +11,7 @@ import torch
 from . import metrics as M
 from .methods import DEFAULT_METHODS, MethodError
 
-__all__ = ["main", "parser"]
+__all__ = ["main", "parse_shard", "parser"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``I/N`` → (I, N) for ``--shard``; None stays None; a clear ValueError otherwise."""
     if text is None:
         return None
     try:
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = evaluate(
             args.config, args.checkpoint, args.images, args.seed, args.out, methods=methods, steps=args.steps,
-            progress=not args.quiet, shard=_parse_shard(args.shard), resume=not args.no_resume,
+            progress=not args.quiet, shard=parse_shard(args.shard), resume=not args.no_resume,
             workers=args.workers, ray_address=args.ray_address, threads=args.threads,
             units=_split(args.units), aggregate_only=args.aggregate_only,
             max_fraction=args.max_fraction, replacements=_split(args.replacements), blur_sigma=args.blur_sigma,

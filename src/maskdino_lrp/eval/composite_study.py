@@ -32,6 +32,7 @@ import numpy as np
 from ..lrp.composites import Composite, get_composite
 from ..lrp.rules import Rule
 from . import metrics as M
+from .args import parse_shard
 from .methods import DEFAULT_METHODS, LRP_METHODS, LRPMethod, register_method
 
 __all__ = ["DIMENSIONS", "MASS_TOLERANCE", "candidate", "combined", "method_scores", "choose", "paired_advantage",
@@ -204,10 +205,6 @@ def _evaluate(out: Path, methods: list[str], seed: int, images: int, args: argpa
              method_options={"d-rise": {"n_masks": args.drise_masks}})
 
 
-def _choice_path(root: Path) -> Path:
-    return root / "choice.json"
-
-
 def _dimension_winners(scores: dict[str, dict[str, M.Estimate]]) -> dict[str, str]:
     winners = {}
     for dimension, options in DIMENSIONS.items():
@@ -215,12 +212,6 @@ def _dimension_winners(scores: dict[str, dict[str, M.Estimate]]) -> dict[str, st
         best = choose(scores, list(names))
         winners[dimension] = names.get(best, DEFAULT)
     return winners
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from ..fileio import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def run_phase(args: argparse.Namespace) -> None:
@@ -245,24 +236,28 @@ def run_phase(args: argparse.Namespace) -> None:
         _evaluate(_combine_folder(root, winners), ["lrp-default", _method(tuned)], args.seed, args.images, args,
                   "pixels")
         return
-    combine = method_scores(_records(_combine_folder(root, winners)), reps)
+    combine_records = _records(_combine_folder(root, winners))
+    combine = method_scores(combine_records, reps)
     pool = {**select, "lrp-study-tuned": combine["lrp-study-tuned"]}
     chosen = choose(pool, [m for m in pool if m != "lrp-default"])
     choice = {"winners": winners, "chosen": chosen, "selection_seed": args.seed}
     if args.phase == "confirm":
-        _write_json(_choice_path(root), choice)
-        composite = tuned if chosen == "lrp-study-tuned" else candidate(chosen.removeprefix("lrp-study-")) \
-            if chosen != "lrp-default" else None
-        methods = ["lrp-default"] + ([_method(composite)] if composite is not None else [])
-        if composite is not None and composite == replace(get_composite(DEFAULT), name=composite.name):
-            raise ValueError(f"the chosen composite ({chosen}) is the default now: there is nothing to confirm; "
-                             f"compare the methods with `maskdino-lrp evaluate` instead")
+        from ..fileio import atomic_write_text
+
+        atomic_write_text(root / "choice.json", json.dumps(choice, indent=1))
+        methods = ["lrp-default"]
+        if chosen != "lrp-default":
+            composite = tuned if chosen == "lrp-study-tuned" else candidate(chosen.removeprefix("lrp-study-"))
+            if composite == replace(get_composite(DEFAULT), name=composite.name):
+                raise ValueError(f"the chosen composite ({chosen}) is the default now: there is nothing to confirm; "
+                                 f"compare the methods with `maskdino-lrp evaluate` instead")
+            methods.append(_method(composite))
         if args.baselines:  # the held-out run is also the comparison with every method that is not LRP
             methods += [m for m in DEFAULT_METHODS if m not in LRP_METHODS]
         _evaluate(root / ("confirm-all" if args.baselines else "confirm"), methods, args.heldout_seed,
                   args.heldout_images, args, args.heldout_units)
         return
-    report = write_report(root, select, combine, choice, reps, args, _combine_folder(root, winners))
+    report = write_report(root, select, combine, combine_records, choice, reps, args)
     print(report)
 
 
@@ -282,8 +277,8 @@ def _fmt(e: M.Estimate, digits: int = 3) -> str:
     return f"{e.mean:.{digits}f} [{e.low:.{digits}f}, {e.high:.{digits}f}]" if math.isfinite(e.mean) else "–"
 
 
-def write_report(root: Path, select: dict, combine: dict, choice: dict, reps: Sequence[str],
-                 args: argparse.Namespace, combine_folder: Path) -> str:
+def write_report(root: Path, select: dict, combine: dict, combine_records: list[dict], choice: dict,
+                 reps: Sequence[str], args: argparse.Namespace) -> str:
     """The study's Markdown (selection table, dimension winners, held-out comparison, verdict); also
     written to ``args.md`` when given."""
     confirm_records = _records(root / "confirm" if (root / "confirm").exists() else root / "confirm-all")
@@ -311,7 +306,7 @@ def write_report(root: Path, select: dict, combine: dict, choice: dict, reps: Se
     lines += ["", "Winner per dimension (default kept where no option is eligible and better): "
               + "; ".join(f"{d}: {o}" for d, o in choice["winners"].items()),
               f"The combination (`lrp-study-tuned`) against the default on the selection seed: "
-              f"{_fmt(paired_advantage(_records(combine_folder), 'lrp-study-tuned', 'lrp-default', reps))} "
+              f"{_fmt(paired_advantage(combine_records, 'lrp-study-tuned', 'lrp-default', reps))} "
               "(paired, score).", "", f"**Chosen on the selection seed: `{chosen}`.**", ""]
     if chosen == "lrp-default":
         lines.append("No candidate beat the default on the selection seed; the held-out run only re-measures it.")
@@ -338,13 +333,6 @@ def write_report(root: Path, select: dict, combine: dict, choice: dict, reps: Se
     return text
 
 
-def _shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    i, n = (int(v) for v in text.split("/"))
-    return i, n
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m maskdino_lrp.eval.composite_study {select,combine,confirm,report} --out DIR ...``."""
     p = argparse.ArgumentParser(prog="python -m maskdino_lrp.eval.composite_study", description=__doc__.splitlines()[0])
@@ -367,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.replacements = [r.strip() for r in args.replacements.split(",") if r.strip()]
-    args.shard = _shard(args.shard)
     try:
+        args.shard = parse_shard(args.shard)
         run_phase(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
