@@ -273,12 +273,12 @@ def test_evaluate_writes_tables_curves_and_summary(model, tmp_path):
 
     result = evaluate("tiny", None, n_images=1, seed=0, out_dir=tmp_path, methods=["random", "gradient", "chefer"],
                       steps=2, progress=False, model=model, image_size=64, score_threshold=0.0, iou_threshold=0.0,
-                      require_class=False, max_pairs_per_image=2, randomisation=False, units=["pixels", "tokens"],
-                      replacements=["mean", "zero"])
+                      require_class=False, max_pairs_per_image=2, randomisation=False,
+                      units=["pixels", "patches", "tokens"], replacements=["mean", "zero"])
     assert result["n_pairs"] == 2
     for name in ("results.md", "results.csv", "pairs.csv", "curves.csv", "curves_mean.png", "curves_zero.png",
-                 "curves_token_mean.png", "curves_token_zero.png", "summary.md", "settings.json", "paired.csv",
-                 "stability.md", "stability.csv"):
+                 "curves_patch_mean.png", "curves_token_mean.png", "curves_token_zero.png", "summary.md",
+                 "settings.json", "paired.csv", "stability.md", "stability.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
     table = (tmp_path / "results.md").read_text()
@@ -287,16 +287,24 @@ def test_evaluate_writes_tables_curves_and_summary(model, tmp_path):
     assert "Faithfulness — replacement: mean" in table and "Faithfulness — replacement: zero" in table
     gradient = result["table"]["gradient"]
     assert gradient["mass_accuracy"].n == 2 and np.isfinite(gradient["deletion_auc@mean"].mean)
-    for key in ("srg@mean", "srg@zero", "lif_auc@zero", "token_srg@mean", "token_deletion_auc@zero"):
+    for key in ("srg@mean", "srg@zero", "lif_auc@zero", "patch_srg@zero", "patch_aopc@mean", "token_srg@mean",
+                "token_deletion_auc@zero"):
         assert gradient[key].n == 2, key
     assert result["table"]["chefer"]["token_insertion_gap@mean"].n == 2
     # SRG is the per-pair difference of the two deletion AUCs
     for row in result["records"]:
         assert row["srg@zero"] == pytest.approx(row["lif_auc@zero"] - row["deletion_auc@zero"])
+        assert row["patch_srg@mean"] == pytest.approx(row["patch_lif_auc@mean"] - row["patch_deletion_auc@mean"])
     # steps=2 over the whole range: LIF shares its images with insertion, so per (pair, unit, replacement)
     # the forwards are 1 deletion + 1 insertion image per order (3 methods + random); the start is the
-    # clean forward and the neutral input runs once per (unit, replacement) for both pairs
-    assert result["forwards"] == 2 * 2 * 2 * (2 * 4) + 2 * 2
+    # clean forward and the neutral input runs once per replacement for both pairs, and once more for the
+    # tokens (patches and pixels share the neutral image)
+    assert result["forwards"] == 2 * 2 * 3 * (2 * 4) + 2 * 2
+    assert "Faithfulness: image patches — replacement: zero" in table and "patch SRG = LIF − MIF" in table
+    assert "squares of 8 × 8 px" in (tmp_path / "summary.md").read_text()
+    assert ",patches,deletion,mean," in (tmp_path / "curves.csv").read_text()
+    # without lrp-default the paired tables compare with the first method; no line claims lrp-default's advantage
+    assert "lrp-default" not in (tmp_path / "summary.md").read_text()
     assert "token deletion gap vs random" in table and "mean token" in (tmp_path / "summary.md").read_text()
     assert "random weights" in (tmp_path / "summary.md").read_text()
     csv_header = (tmp_path / "results.csv").read_text().splitlines()[0]
@@ -305,6 +313,9 @@ def test_evaluate_writes_tables_curves_and_summary(model, tmp_path):
     assert "stability" in (tmp_path / "summary.md").read_text()
     assert main(["--config", "tiny", "--methods", "nope", "--out", str(tmp_path), "--quiet"]) == 2
     assert main(["--config", "tiny", "--replacement", "mean,sepia", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert main(["--config", "tiny", "--units", "pixels,pixels", "--out", str(tmp_path / "u"), "--quiet"]) == 2
+    assert main(["--config", "tiny", "--units", "patches", "--patch-size", "1", "--out", str(tmp_path / "p"),
+                 "--quiet"]) == 2
 
 
 def test_captum_methods_are_skipped_cleanly_without_captum(monkeypatch, model, tmp_path):

@@ -289,6 +289,68 @@ def test_srg_of_a_linear_model_by_hand():
     assert probe.forwards == 2 + 2 * 3
 
 
+def test_pool_to_patches_sums_each_square_by_hand_and_cuts_the_edge():
+    e = torch.arange(25, dtype=torch.float64).reshape(5, 5)
+    pooled = M.pool_to_patches(e, 2)
+    # squares of 2 × 2 from the top left; the last row and column of squares hold what the edge leaves
+    expected = [[0 + 1 + 5 + 6, 2 + 3 + 7 + 8, 4 + 9],
+                [10 + 11 + 15 + 16, 12 + 13 + 17 + 18, 14 + 19],
+                [20 + 21, 22 + 23, 24]]
+    np.testing.assert_array_equal(pooled.numpy(), expected)
+    assert float(pooled.sum()) == float(e.sum())
+
+
+def test_patch_srg_of_a_linear_model_by_hand():
+    """The pixel test's numbers with 2 × 2 squares: each square's weights sum to 4, 3, 2 or 1, so the squares'
+    curves are the single pixels' (MIF 10, 6, 3, 1, 0; LIF 10, 9, 7, 4, 0; SRG 2.5), under the patch_ names."""
+    from maskdino_lrp.eval.curves import CurveProbe, curve_counts
+
+    w = np.kron(np.array([[4.0, 3.0], [2.0, 1.0]]), np.ones((2, 2))) / 4  # (4, 4), constant on each square
+    rng = np.random.default_rng(0)
+    w_pixels = w + rng.normal(scale=0.01, size=w.shape) * (1 - np.eye(4))  # the ranking inside a square is free
+    w_pixels -= (M.pool_to_patches(w_pixels, 2).numpy() - M.pool_to_patches(w, 2).numpy()).repeat(2, 0).repeat(2, 1) / 4
+    image = torch.ones(1, 4, 4, dtype=torch.float64)
+    probe = CurveProbe("patches", "zero", _linear_model(w), image, torch.zeros_like(image), patch=2)
+    assert probe.size == 4 and probe.grid == (2, 2)
+    order = probe.order(torch.as_tensor(w_pixels), None, seed=0)
+    np.testing.assert_array_equal(order, [0, 1, 2, 3])
+    curves = probe.curves({"right": order}, curve_counts(4, 4, 1.0))
+    np.testing.assert_allclose(curves["right"]["deletion"][:, 0], [10, 6, 3, 1, 0])
+    np.testing.assert_allclose(curves["right"]["lif"][:, 0], [10, 9, 7, 4, 0])
+    row = probe.metrics(curves["right"], M.perturbation_fractions(4), 2, None)
+    assert row["patch_srg"] == pytest.approx(2.5) and row["patch_deletion_auc"] == pytest.approx(3.75)
+    assert "srg" not in row and "deletion_auc_fixed_query" not in row
+
+
+def test_patches_cut_by_the_edge_replace_only_the_image():
+    """5 × 5 pixels in squares of 2: 3 × 3 patches; the corner patch is one pixel, the edge ones two."""
+    from maskdino_lrp.eval.curves import CurveProbe
+
+    image = torch.arange(25, dtype=torch.float64).reshape(1, 5, 5) + 1
+    seen = []
+
+    def score(batch):
+        seen.append(batch.clone())
+        return batch.flatten(1).sum(1)
+
+    probe = CurveProbe("patches", "zero", score, image, torch.zeros_like(image), patch=2)
+    assert probe.grid == (3, 3)
+    order = np.array([8, 5, 0, 1, 2, 3, 4, 6, 7])  # corner, right edge, then the rest
+    probe.curves({"o": order}, np.array([0, 1, 2, 9]), modes=("deletion",))
+    by_zeros = {int((x == 0).sum()): x[0] for x in torch.cat(seen)}
+    assert sorted(by_zeros) == [0, 1, 3, 25]  # the image, one patch, two patches, all removed
+    assert by_zeros[1][4, 4] == 0
+    assert by_zeros[3][2:4, 4].eq(0).all() and by_zeros[3][4, 4] == 0
+    # with squares of 1 the patches unit is the pixel unit
+    pixels = CurveProbe("pixels", "zero", lambda b: b.flatten(1).sum(1), image, torch.zeros_like(image))
+    ones = CurveProbe("patches", "zero", lambda b: b.flatten(1).sum(1), image, torch.zeros_like(image), patch=1)
+    o = M.relevance_order(np.random.default_rng(1).random((5, 5)))
+    counts = np.array([0, 5, 10, 25])
+    a, b = pixels.curves({"o": o}, counts), ones.curves({"o": o}, counts)
+    for mode in a["o"]:
+        np.testing.assert_array_equal(a["o"][mode], b["o"][mode])
+
+
 def test_curve_probe_scores_equal_inputs_of_different_orders_once():
     """An input is identified by what it replaces: two orders that rank alike share every image; orders
     that agree only on the first elements share only those steps; known scores are not run again."""

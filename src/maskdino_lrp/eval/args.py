@@ -28,8 +28,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma list (default: all available): {', '.join(DEFAULT_METHODS)}")
     p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps over 0..100%% (default 20 = 5%%)")
     p.add_argument("--units", default="pixels",
-                   help="what deletion / insertion removes: pixels, tokens (the encoder's input tokens) or "
-                        "pixels,tokens (default pixels)")
+                   help="comma list of what deletion / insertion removes, each reported separately: pixels, "
+                        "patches (squares of --patch-size pixels) and tokens (the encoder's input tokens) "
+                        "(default pixels)")
+    p.add_argument("--patch-size", type=int, default=8, help="side in pixels of the patches unit (default 8)")
     p.add_argument("--max-fraction", type=float, default=1.0,
                    help="curves stop at this fraction (e.g. 0.2 with --steps 20: 1%% steps up to 20%%; default 1; "
                         "below 1 the LIF curve costs its own forwards)")
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.config, args.checkpoint, args.images, args.seed, args.out, methods=methods, steps=args.steps,
             progress=not args.quiet, shard=parse_shard(args.shard), resume=not args.no_resume,
             workers=args.workers, ray_address=args.ray_address, threads=args.threads,
-            units=_split(args.units), aggregate_only=args.aggregate_only,
+            units=_split(args.units), patch_size=args.patch_size, aggregate_only=args.aggregate_only,
             max_fraction=args.max_fraction, replacements=_split(args.replacements), blur_sigma=args.blur_sigma,
             batch_size=args.batch_size, image_size=args.image_size,
             score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,

@@ -1,8 +1,8 @@
 """Deletion / insertion / LIF curves of one (pair, unit, replacement), every order's curves batched together.
 
 A :class:`CurveProbe` holds what the curves of one explained detection need in one unit (``pixels``:
-the image and its neutral image; ``tokens``: keep-all and keep-none masks over the encoder tokens)
-and one replacement. :meth:`CurveProbe.curves` takes the removal orders of all methods (and the
+the image and its neutral image; ``patches``: the same, removed in squares of ``patch`` pixels;
+``tokens``: keep-all and keep-none masks over the encoder tokens) and one replacement. :meth:`CurveProbe.curves` takes the removal orders of all methods (and the
 random baseline) at once, lists the perturbed inputs every curve needs, keeps each distinct one once
 (an input is identified by the set of elements it replaces: the start and the neutral input are
 shared by all orders; over the whole range LIF deletion at fraction f is insertion at 1 − f of the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .settings import MODES
+from .settings import MODES, UNIT_PREFIX
 
 __all__ = ["CurveProbe", "curve_counts"]
 
@@ -51,6 +51,7 @@ class CurveProbe:
     start: torch.Tensor  # (C, h, w): the image, or (1, 1, T) keep-all
     neutral: torch.Tensor  # same shape: the replacement, or keep-none
     shapes: list[tuple[int, int]] | None = None  # token levels, for the token unit
+    patch: int = 1  # side of the squares the patches unit removes (1 for the other units)
     # scores already known, e.g. {("start",): …, ("neutral",): …} from forwards the image's pairs share
     known: Mapping[Key, np.ndarray] = field(default_factory=dict)
     # False: inputs keyed by (order, kind, count), so orders never share one (the reference path)
@@ -58,9 +59,15 @@ class CurveProbe:
     forwards: int = field(default=0, init=False)  # inputs scored so far (distinct perturbed inputs)
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """The removable elements' grid: pixels, patches (the last row and column cut by the image edge) or tokens."""
+        h, w = self.start.shape[-2:]
+        return -(-h // self.patch), -(-w // self.patch)
+
+    @property
     def size(self) -> int:
-        """Number of removable elements (pixels or tokens)."""
-        return int(self.start.shape[-2] * self.start.shape[-1])
+        """Number of removable elements (pixels, patches or tokens)."""
+        return self.grid[0] * self.grid[1]
 
     def _replaced(self, rank: torch.Tensor, mode: str, count: int) -> torch.Tensor:
         """(n,) bool: the elements that hold the neutral value at ``count`` on a curve of ``mode``."""
@@ -84,7 +91,11 @@ class CurveProbe:
         return ("replaced", np.packbits(replaced.numpy()).tobytes())
 
     def _compose(self, replaced: torch.Tensor) -> torch.Tensor:
-        return torch.where(replaced.view(1, *self.start.shape[-2:]), self.neutral, self.start)
+        where = replaced.view(*self.grid)
+        if self.patch > 1:
+            h, w = self.start.shape[-2:]
+            where = where.repeat_interleave(self.patch, 0).repeat_interleave(self.patch, 1)[:h, :w]
+        return torch.where(where[None], self.neutral, self.start)
 
     def curves(self, orders: Mapping[str, np.ndarray], counts: np.ndarray, modes: Sequence[str] = MODES,
                batch_size: int = 16) -> dict[str, dict[str, np.ndarray]]:
@@ -124,9 +135,9 @@ class CurveProbe:
 
     def metrics(self, curve: Mapping[str, np.ndarray], fractions: np.ndarray, aopc_steps: int,
                 baseline: Mapping[str, float] | None) -> dict[str, float]:
-        """The faithfulness metrics of one order's curves, keyed ``[token_]metric`` (no replacement suffix);
+        """The faithfulness metrics of one order's curves, keyed ``[patch_|token_]metric`` (no replacement suffix);
         ``baseline`` = the random order's AUCs (None for the random order itself: no gaps)."""
-        p = "" if self.unit == "pixels" else "token_"
+        p = UNIT_PREFIX[self.unit]
         row: dict[str, float] = {}
         if "deletion" in curve:
             row[p + "deletion_auc"] = M.area_under_curve(curve["deletion"][:, 0], fractions)
@@ -148,10 +159,12 @@ class CurveProbe:
 
     def order(self, pixel_map: torch.Tensor, token_map: torch.Tensor | None, seed: int,
               padded_size: tuple[int, int] | None = None) -> np.ndarray:
-        """Removal order: pixels by relevance; tokens level-balanced, from the method's own token map
-        where it has one, else from its pixel map summed over each token's footprint."""
+        """Removal order: pixels by relevance; patches by their pixels' summed relevance; tokens level-balanced,
+        from the method's own token map where it has one, else from its pixel map summed over each token's footprint."""
         if self.unit == "pixels":
             return M.relevance_order(pixel_map, seed)
+        if self.unit == "patches":
+            return M.relevance_order(M.pool_to_patches(pixel_map, self.patch), seed)
         if token_map is None:
             token_map = M.pool_to_tokens(pixel_map, self.shapes, padded_size)
         return M.level_balanced_order(token_map, self.shapes, seed)

@@ -62,7 +62,7 @@ __all__ = [
     "mean_replacement", "blur_replacement", "noise_replacement", "zero_replacement", "REPLACEMENTS",
     "make_replacement", "token_neutral", "symmetric_relevance_gain", "relevance_order", "perturbation_fractions", "perturbed_images",
     "perturbation_curve", "area_under_curve", "aopc", "box_iou_cxcywh", "DetectorScore", "PeakMemory",
-    "TokenScore", "TokenFeatures", "pool_to_tokens", "level_balanced_order",
+    "TokenScore", "TokenFeatures", "pool_to_tokens", "pool_to_patches", "level_balanced_order",
 ]
 
 
@@ -548,6 +548,15 @@ def pool_to_tokens(relevance: Any, shapes: Sequence[tuple[int, int]], padded_siz
     hp, wp = padded_size
     padded = F.pad(e, (0, wp - e.shape[1], 0, hp - e.shape[0]))[None, None]
     return torch.cat([(F.adaptive_avg_pool2d(padded, (h, w)) * (hp * wp / (h * w))).flatten() for h, w in shapes])
+
+
+def pool_to_patches(relevance: Any, patch: int) -> torch.Tensor:
+    """A pixel map (h, w) → (⌈h/patch⌉, ⌈w/patch⌉): each ``patch`` × ``patch`` square's sum (the last row and
+    column of squares are cut by the image edge)."""
+    e = torch.as_tensor(_array(relevance))
+    h, w = e.shape
+    padded = F.pad(e, (0, -w % patch, 0, -h % patch))
+    return padded.reshape(padded.shape[0] // patch, patch, padded.shape[1] // patch, patch).sum((1, 3))
 
 
 def level_balanced_order(token_relevance: Any, shapes: Sequence[tuple[int, int]], seed: int = 0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """One image of an evaluation: match its detections, explain them with every method, score every map.
 
 For each matched (image, detection) pair and each method: the localisation metrics against the
-object's mask and box, and per unit (pixels, encoder tokens) and per replacement the MIF deletion,
+object's mask and box, and per unit (pixels, image patches, encoder tokens) and per replacement the MIF deletion,
 insertion and LIF deletion curves with their AUCs, SRG and gaps to a random order on the same pair.
 All orders' curves of one (pair, unit, replacement) are scored in shared batches (:mod:`.curves`).
 What does not depend on the pair is computed once per image: the token unit's backbone features and
@@ -24,7 +24,7 @@ from . import metrics as M
 from .curves import CurveProbe, curve_counts
 from .matching import Pair, match_detections
 from .methods import Method
-from .settings import MODES, RANDOM_ORDER, EvalSettings, column
+from .settings import MODES, RANDOM_ORDER, UNIT_PREFIX, EvalSettings, column
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,12 @@ class _PerturbationInputs:
         return cls(image, neutrals, tokens, token_neutrals, tuple(prepared.tensor.shape[-2:]), clean, reuse)
 
     def probe(self, unit: str, replacement: str, model: Any, pair: Pair, box: torch.Tensor,
-              pixel_scorer: Any, rng: np.random.Generator) -> tuple[CurveProbe, np.ndarray]:
+              pixel_scorer: Any, rng: np.random.Generator, patch: int = 1) -> tuple[CurveProbe, np.ndarray]:
         """The pair's probe in one unit and replacement, and a random removal order of the same kind."""
-        if unit == "pixels":
-            probe = CurveProbe(unit, replacement, pixel_scorer, self.image, self.neutrals[replacement])
-            order = M.relevance_order(rng.random(self.image.shape[-2:]))
+        if unit in ("pixels", "patches"):
+            probe = CurveProbe(unit, replacement, pixel_scorer, self.image, self.neutrals[replacement],
+                               patch=patch if unit == "patches" else 1)
+            order = M.relevance_order(rng.random(probe.grid))
         else:
             scorer = M.TokenScore(model, self.tokens, pair.query, pair.label, box,
                                   neutral=self.token_neutrals[replacement], shared=self.reuse)
@@ -171,11 +172,12 @@ class _PerturbationInputs:
             order = M.level_balanced_order(rng.random(probe.size), self.tokens.shapes)
         probe.by_content = self.reuse
         if self.reuse:
-            if (unit, replacement) not in self.neutral_outputs:
-                self.neutral_outputs[unit, replacement] = probe.scorer.outputs(probe.neutral[None])
+            neutral = ("tokens" if unit == "tokens" else "pixels", replacement)  # patches: the pixels' neutral image
+            if neutral not in self.neutral_outputs:
+                self.neutral_outputs[neutral] = probe.scorer.outputs(probe.neutral[None])
                 self.forwards += 1
             probe.known = {("start",): probe.scorer.score(self.clean).numpy()[0],
-                           ("neutral",): probe.scorer.score(self.neutral_outputs[unit, replacement]).numpy()[0]}
+                           ("neutral",): probe.scorer.score(self.neutral_outputs[neutral]).numpy()[0]}
         return probe, order
 
 
@@ -187,12 +189,13 @@ def _pair_curves(k: int, pair: Pair, box: torch.Tensor, attributions: dict[str, 
     fractions = M.perturbation_fractions(settings.steps, settings.max_fraction)
     pixel_scorer = M.DetectorScore(ctx.model, pair.query, pair.label, box)
     for u, unit in enumerate(settings.units):
-        prefix = "" if unit == "pixels" else "token_"
+        prefix = UNIT_PREFIX[unit]
         for replacement in settings.replacements:
             # the same random order under every replacement, so their baselines differ only by the replacement
             rng = np.random.default_rng([settings.seed, part["image"], k, 1 + u])
             forwards = inputs.forwards
-            probe, random_order = inputs.probe(unit, replacement, ctx.model, pair, box, pixel_scorer, rng)
+            probe, random_order = inputs.probe(unit, replacement, ctx.model, pair, box, pixel_scorer, rng,
+                                               settings.patch_size)
             orders = {RANDOM_ORDER: random_order}
             for name, (attribution, _, _) in attributions.items():
                 tokens = attribution.tokens[k] if attribution.tokens is not None else None

@@ -14,13 +14,15 @@ import numpy as np
 from . import metrics as M
 from .methods import LRP_METHODS
 from .parts import write_text
-from .settings import METRICS, MODES, REPLACED, EvalSettings, column, metric_info, split_column
+from .settings import (METRICS, MODES, REPLACED, UNIT_PREFIX, UNIT_TEXT, EvalSettings, column, metric_info,
+                       split_column, unit_of)
 from .stats import paired_comparison, paired_keys, rank_stability
 
 __all__ = ["write_outputs", "replacement_text"]
 
 _ARROWS = {+1: " ↑", -1: " ↓", 0: ""}
-_GROUPS = ("localisation", "faithfulness", "faithfulness: encoder tokens", "sanity and cost")
+_GROUPS = ("localisation", "faithfulness", *(f"faithfulness: {UNIT_TEXT[u]}" for u in ("patches", "tokens")),
+           "sanity and cost")
 _MODE_TITLES = {"deletion": "MIF deletion (lower is better)", "insertion": "insertion (higher is better)",
                 "lif": "LIF deletion (higher is better)"}
 
@@ -122,13 +124,14 @@ def _stability_rows(stability: dict[str, dict[str, Any]]) -> list[tuple]:
             for metric, found in stability.items() for name, ranks in found["ranks"].items() for r, rank in ranks.items()]
 
 
-def _plot_curves(curves: dict[str, dict[str, list]], unit_prefix: str, replacement: str, x: np.ndarray,
+def _plot_curves(curves: dict[str, dict[str, list]], unit: str, replacement: str, x: np.ndarray,
                  path: Path, settings: EvalSettings) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    unit_prefix = UNIT_PREFIX[unit]
     modes = [m for m in MODES if any(by.get(f"{unit_prefix}{m}@{replacement}") for by in curves.values())]
     if not modes:
         return False
@@ -147,14 +150,13 @@ def _plot_curves(curves: dict[str, dict[str, list]], unit_prefix: str, replaceme
                 style = {"color": colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
                          "linestyle": "-" if ours else "-.", "linewidth": 1.8 if ours else 1.2}
             ax.plot(x, mean, label=f"{name} ({M.area_under_curve(mean, x):.3f})", **style)
-        what = "encoder tokens" if unit_prefix else "pixels"
-        ax.set_xlabel(f"fraction of {what} " + ("inserted" if mode == "insertion" else "removed"))
+        ax.set_xlabel(f"fraction of {UNIT_TEXT[unit]} " + ("inserted" if mode == "insertion" else "removed"))
         ax.set_ylabel("class score of the matched query")
         ax.set_title(_MODE_TITLES[mode], fontsize=9)
         ax.set_xlim(0, float(x[-1]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="lower right" if mode == "insertion" else "upper right")
-    fig.suptitle(f"{'Encoder tokens' if unit_prefix else 'Pixels'}, replacement: {replacement_text(replacement, settings)}",
+    fig.suptitle(f"{UNIT_TEXT[unit].capitalize()}, replacement: {replacement_text(replacement, settings)}",
                  fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -204,6 +206,9 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
            "step, each level's tokens by relevance; token maps are the method's own where it has them (LRP at the "
            "encoder input, rollout, Chefer), else its pixel map summed over each token's footprint; the stride-4 "
            "FPN lateral path is not perturbed"] if "tokens" in settings.units else []),
+        *([f"- image patches: squares of {settings.patch_size} × {settings.patch_size} px (cut by the image edge) "
+           "are replaced whole, each ranked by the sum of its pixels' relevance (the pixel unit's replacements)"]
+          if "patches" in settings.units else []),
         f"- pointing game tolerance {settings.pointing_tolerance} px; intervals: Student-t 95 % over pairs",
         "- cost: seconds / explanation = wall time of the evaluated call ÷ the image's K pairs (LRP explains "
         "the K queries in one batched backward, the others loop); "
@@ -225,8 +230,8 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Findings", ""]
-    headline = [column(k, r) for k in ("srg", "deletion_gap", "insertion_gap", "token_srg", "token_deletion_gap",
-                                       "token_insertion_gap") for r in settings.replacements]
+    headline = [column(UNIT_PREFIX[u] + k, r) for u in settings.units for k in ("srg", "deletion_gap", "insertion_gap")
+                for r in settings.replacements]
     for key in [*headline, "mass_accuracy", "pointing_game", "leak"]:
         label, direction = metric_info(key)[1], metric_info(key)[2]
         replacement = split_column(key)[1]
@@ -244,7 +249,7 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
         line = f"- **{label}**: best {best_name} ({best})"
         if ties:
             line += f"; CIs overlap with {', '.join(ties)}"
-        if key.startswith(("srg", "token_srg")) or "_gap" in key:
+        if unit_of(split_column(key)[0])[1] == "srg" or "_gap" in key:
             above = [n for n, row in table.items() if row[key].n > 1 and row[key].low > 0]
             line += f". Above {'0' if 'srg' in key else 'random'} (CI > 0): {', '.join(above) if above else 'none'}"
         lines.append(line)
@@ -256,8 +261,9 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
                      f"same rank under every replacement: {', '.join(stable) or 'none'}; rank moves: "
                      + (", ".join(f"{m} (by {s:g})" for s, m in moved) or "none")
                      + (f"; Kendall's τ between replacements {min(taus):.2f}–{max(taus):.2f}" if taus else ""))
-    others = [m for m in table if m not in LRP_METHODS and m != "random"]
-    for key in paired_keys(settings.replacements, ("srg", "deletion_auc", "insertion_auc", "token_srg",
+    # the paired tables compare with lrp-default where the run has it, else with its first method
+    others = [m for m in table if m not in LRP_METHODS and m != "random"] if "lrp-default" in table else []
+    for key in paired_keys(settings.replacements, ("srg", "deletion_auc", "insertion_auc", "patch_srg", "token_srg",
                                                    "mass_accuracy")):
         rows = {m: paired[m][key] for m in others if m in paired and key in paired[m] and paired[m][key].n > 1}
         if not rows:
@@ -314,18 +320,16 @@ def write_outputs(out: Path, settings: EvalSettings, table: dict[str, dict[str, 
         for key, values in by_mode.items():
             if values:
                 mode, replacement = split_column(key)
-                unit = "tokens" if mode.startswith("token_") else "pixels"
+                unit, mode = unit_of(mode)
                 stacked = np.stack(values)
                 for j, frac in enumerate(x):
                     est = M.mean_ci(stacked[:, j])
-                    curve_rows.append((name, unit, mode.removeprefix("token_"), replacement, frac, est.mean,
-                                       est.low, est.high, est.n))
+                    curve_rows.append((name, unit, mode, replacement, frac, est.mean, est.low, est.high, est.n))
     write_text(out / "curves.csv", _csv_text(
         ["method", "unit", "mode", "replacement", "fraction", "mean", "ci_low", "ci_high", "n"], curve_rows))
     for unit in settings.units:
-        prefix = "" if unit == "pixels" else "token_"
         for replacement in settings.replacements:
-            _plot_curves(curves, prefix, replacement, x, out / f"curves_{prefix}{replacement}.png", settings)
+            _plot_curves(curves, unit, replacement, x, out / f"curves_{UNIT_PREFIX[unit]}{replacement}.png", settings)
     write_text(out / "settings.json", json.dumps({**asdict(settings), **meta}, indent=2, default=str))
     write_text(out / "summary.md", _summary(settings, table, notes, meta, paired, stability))
     return {"paired": paired, "stability": stability}

@@ -79,8 +79,11 @@ def _check(settings: EvalSettings) -> None:
         raise ValueError(f"--images and --steps must be at least 1, got {settings.n_images} and {settings.steps}")
     if settings.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {settings.batch_size}")
-    if not settings.units or set(settings.units) - set(UNITS):
-        raise ValueError(f"units must be a non-empty subset of {list(UNITS)}, got {settings.units!r}")
+    if not settings.units or set(settings.units) - set(UNITS) or len(set(settings.units)) != len(settings.units):
+        raise ValueError(f"units must be distinct names from {list(UNITS)}, got {settings.units!r}; "
+                         "e.g. --units pixels,patches")
+    if settings.patch_size < 2:
+        raise ValueError(f"--patch-size must be at least 2 (1 is the pixels unit), got {settings.patch_size}")
 
 
 def _progress(iterable: Iterable, enabled: bool) -> Any:

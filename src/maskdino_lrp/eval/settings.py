@@ -11,7 +11,7 @@ from typing import Any
 
 from .methods import DEFAULT_METHODS
 
-__all__ = ["METRICS", "REPLACED", "EvalSettings", "UNITS", "MODES", "RANDOM_ORDER", "column", "split_column",
+__all__ = ["METRICS", "REPLACED", "EvalSettings", "UNITS", "UNIT_PREFIX", "UNIT_TEXT", "unit_of", "MODES", "RANDOM_ORDER", "column", "split_column",
            "metric_info", "columns_of"]
 
 # metric key → (group, label, direction: +1 higher is better, -1 lower is better, 0 neither)
@@ -30,13 +30,6 @@ METRICS: dict[str, tuple[str, str, int]] = {
     "srg": ("faithfulness", "SRG = LIF − MIF", +1),
     "aopc": ("faithfulness", "AOPC (deletion)", +1),
     "deletion_auc_fixed_query": ("faithfulness", "deletion AUC (fixed query)", -1),
-    "token_deletion_auc": ("faithfulness: encoder tokens", "token deletion (MIF) AUC", -1),
-    "token_deletion_gap": ("faithfulness: encoder tokens", "token deletion gap vs random", +1),
-    "token_insertion_auc": ("faithfulness: encoder tokens", "token insertion AUC", +1),
-    "token_insertion_gap": ("faithfulness: encoder tokens", "token insertion gap vs random", +1),
-    "token_lif_auc": ("faithfulness: encoder tokens", "token LIF deletion AUC", +1),
-    "token_srg": ("faithfulness: encoder tokens", "token SRG = LIF − MIF", +1),
-    "token_aopc": ("faithfulness: encoder tokens", "token AOPC (deletion)", +1),
     "conservation_error": ("sanity and cost", "conservation error", -1),
     "bias_share": ("sanity and cost", "bias share", 0),
     "positional_share": ("sanity and cost", "positional share", 0),
@@ -45,10 +38,30 @@ METRICS: dict[str, tuple[str, str, int]] = {
     "seconds": ("sanity and cost", "seconds / explanation", -1),
     "peak_memory_mib": ("sanity and cost", "peak memory MiB", -1),
 }
+UNITS = ("pixels", "patches", "tokens")
+# what a unit's faithfulness metrics are called (pixels: the plain names) and what its tables say it removes
+UNIT_PREFIX = {"pixels": "", "patches": "patch_", "tokens": "token_"}
+UNIT_TEXT = {"pixels": "pixels", "patches": "image patches", "tokens": "encoder tokens"}
+_UNIT_METRICS = ("deletion_auc", "deletion_gap", "insertion_auc", "insertion_gap", "lif_auc", "srg", "aopc")
+for _unit in UNITS[1:]:  # the same curve metrics over patches and tokens, grouped per unit
+    for _key in _UNIT_METRICS:
+        _, _label, _direction = METRICS[_key]
+        METRICS[UNIT_PREFIX[_unit] + _key] = (f"faithfulness: {UNIT_TEXT[_unit]}",
+                                              f"{UNIT_PREFIX[_unit].rstrip('_')} {_label}", _direction)
+for _key in [k for k, (group, _, _) in METRICS.items() if group == "sanity and cost"]:
+    METRICS[_key] = METRICS.pop(_key)  # the units' groups before sanity and cost, as the tables show them
 # the metrics whose value depends on what replaces removed pixels / tokens
 REPLACED = frozenset(k for k, (group, _, _) in METRICS.items() if group.startswith("faithfulness"))
 
-UNITS = ("pixels", "tokens")
+
+def unit_of(metric: str) -> tuple[str, str]:
+    """A faithfulness metric key → (unit, the metric without its unit prefix), e.g. ``patch_srg`` → (patches, srg)."""
+    for unit in UNITS[1:]:
+        if metric.startswith(UNIT_PREFIX[unit]):
+            return unit, metric.removeprefix(UNIT_PREFIX[unit])
+    return "pixels", metric
+
+
 MODES = ("deletion", "insertion", "lif")  # MIF deletion, insertion, LIF deletion
 RANDOM_ORDER = "random order (baseline)"
 
@@ -89,6 +102,7 @@ class EvalSettings:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     steps: int = 20  # deletion / insertion steps from 0 % to 100 % (20 → 5 % each)
     units: list[str] = field(default_factory=lambda: ["pixels"])  # what deletion / insertion removes
+    patch_size: int = 8  # side in pixels of the patches unit's squares
     max_fraction: float = 1.0  # the curves stop there: steps of max_fraction / steps
     replacements: list[str] = field(default_factory=lambda: ["mean", "blur", "noise", "zero"])
     blur_sigma: float = 5.0

@@ -5,13 +5,13 @@ import math
 from typing import Any, Sequence
 
 from . import metrics as M
-from .settings import column, metric_info
+from .settings import UNIT_PREFIX, UNITS, column, metric_info
 
 __all__ = ["aggregate", "paired_comparison", "paired_keys", "rank_stability", "PAIRED_METRICS", "STABILITY_METRICS"]
 
-PAIRED_METRICS = ("deletion_auc", "insertion_auc", "srg", "aopc", "token_deletion_auc", "token_insertion_auc",
-                  "token_srg", "mass_accuracy", "rank_accuracy", "leak")
-STABILITY_METRICS = ("srg", "deletion_auc", "insertion_auc", "token_srg", "token_deletion_auc", "token_insertion_auc")
+PAIRED_METRICS = (*(UNIT_PREFIX[u] + k for u in UNITS for k in ("deletion_auc", "insertion_auc", "srg", "aopc")),
+                  "mass_accuracy", "rank_accuracy", "leak")
+STABILITY_METRICS = tuple(UNIT_PREFIX[u] + k for u in UNITS for k in ("srg", "deletion_auc", "insertion_auc"))
 
 
 def paired_keys(replacements: Sequence[str], metrics: Sequence[str] = PAIRED_METRICS) -> list[str]:
