@@ -287,6 +287,8 @@ def test_evaluate_writes_tables_curves_and_summary(model, tmp_path):
     assert "Faithfulness — replacement: mean" in table and "Faithfulness — replacement: zero" in table
     gradient = result["table"]["gradient"]
     assert gradient["mass_accuracy"].n == 2 and np.isfinite(gradient["deletion_auc@mean"].mean)
+    finite = [r for r in result["records"] if np.isfinite(r["mass_accuracy"])]
+    assert finite and all(r["mass_accuracy_tol"] >= r["mass_accuracy"] for r in finite)  # the mask grown by 2 px
     for key in ("srg@mean", "srg@zero", "lif_auc@zero", "patch_srg@zero", "patch_aopc@mean", "token_srg@mean",
                 "token_deletion_auc@zero"):
         assert gradient[key].n == 2, key

@@ -46,6 +46,19 @@ def test_mass_accuracy_counts_positive_relevance_only():
     assert math.isnan(M.relevance_mass_accuracy(-np.ones((10, 10)), mask))  # no positive relevance
 
 
+def test_mass_accuracy_with_a_tolerance_counts_the_ring_around_the_mask():
+    mask = _square_mask()  # rows 2..4, cols 3..6
+    e = np.zeros((10, 10))
+    e[3, 4] = 2.0  # inside
+    e[3, 7] = 1.0  # 1 px right of the mask
+    e[5, 7] = 1.0  # diagonal to (4, 6): √2 px
+    e[9, 9] = 4.0  # far: distance to (4, 6) = √34
+    assert M.relevance_mass_accuracy(e, mask) == pytest.approx(2 / 8)
+    assert M.relevance_mass_accuracy(e, mask, tolerance=1) == pytest.approx(3 / 8)
+    assert M.relevance_mass_accuracy(e, mask, tolerance=1.5) == pytest.approx(4 / 8)
+    assert M.relevance_mass_accuracy(e, mask, tolerance=6) == pytest.approx(8 / 8)
+
+
 def test_rank_accuracy_by_hand_with_partial_ties():
     mask = np.zeros((2, 4), bool)
     mask[0, :2] = True  # K = 2

@@ -170,9 +170,18 @@ def _positive_share(relevance: Any, region: np.ndarray) -> float:
     return float(e[region].sum() / total)
 
 
-def relevance_mass_accuracy(relevance: Any, mask: Any) -> float:
-    """Σ_{p∈M} max(E_p, 0) / Σ_p max(E_p, 0) (Arras et al. 2022); NaN without positive relevance."""
-    return _positive_share(relevance, mask)
+def _within(mask: Any, tolerance: float) -> np.ndarray:
+    """The mask grown to every pixel within ``tolerance`` px (Euclidean) of it."""
+    from scipy import ndimage
+
+    m = _bool(mask)
+    return ndimage.distance_transform_edt(~m) <= tolerance if tolerance > 0 and m.any() else m
+
+
+def relevance_mass_accuracy(relevance: Any, mask: Any, tolerance: float = 0.0) -> float:
+    """Σ_{p∈M} max(E_p, 0) / Σ_p max(E_p, 0) (Arras et al. 2022), M grown by ``tolerance`` px; NaN without
+    positive relevance."""
+    return _positive_share(relevance, _within(mask, tolerance))
 
 
 def _expected_share_of_top(values: np.ndarray, inside: np.ndarray, k: int) -> float:
@@ -198,15 +207,12 @@ def relevance_rank_accuracy(relevance: Any, mask: Any) -> float:
 
 def pointing_game(relevance: Any, mask: Any, tolerance: float = 0.0) -> float:
     """1 if the maximum of E lies in M (or within ``tolerance`` px of it), else 0; ties: expected hit rate."""
-    from scipy import ndimage
-
     e = _array(relevance)
     m = _bool(mask)
     _check_same_shape(e, m)
     if not m.any():
         return math.nan
-    if tolerance > 0:
-        m = ndimage.distance_transform_edt(~m) <= tolerance
+    m = _within(m, tolerance)
     peak = e == e.max()
     return float(m[peak].sum() / peak.sum())
 

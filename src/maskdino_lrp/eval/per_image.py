@@ -76,6 +76,7 @@ def _localisation(relevance: torch.Tensor, extras: dict, pair: Pair, masks: np.n
     others = np.delete(masks, pair.gt, axis=0)
     row = {
         "mass_accuracy": M.relevance_mass_accuracy(e, mask),
+        "mass_accuracy_tol": M.relevance_mass_accuracy(e, mask, settings.pointing_tolerance),
         "rank_accuracy": M.relevance_rank_accuracy(e, mask),
         "pointing_game": M.pointing_game(e, mask),
         "pointing_game_tol": M.pointing_game(e, mask, settings.pointing_tolerance),

@@ -209,7 +209,8 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
         *([f"- image patches: squares of {settings.patch_size} × {settings.patch_size} px (cut by the image edge) "
            "are replaced whole, each ranked by the sum of its pixels' relevance (the pixel unit's replacements)"]
           if "patches" in settings.units else []),
-        f"- pointing game tolerance {settings.pointing_tolerance} px; intervals: Student-t 95 % over pairs",
+        f"- tolerance of the pointing game (tol) and relevance mass acc. (tol): {settings.pointing_tolerance} px around "
+        "the mask; intervals: Student-t 95 % over pairs",
         "- cost: seconds / explanation = wall time of the evaluated call ÷ the image's K pairs (LRP explains "
         "the K queries in one batched backward, the others loop); "
         + ("peak memory not measured (--no-memory)" if not (settings.measure_memory or settings.randomisation) else
@@ -232,7 +233,7 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
     lines += ["## Findings", ""]
     headline = [column(UNIT_PREFIX[u] + k, r) for u in settings.units for k in ("srg", "deletion_gap", "insertion_gap")
                 for r in settings.replacements]
-    for key in [*headline, "mass_accuracy", "pointing_game", "leak"]:
+    for key in [*headline, "mass_accuracy", "mass_accuracy_tol", "pointing_game", "leak"]:
         label, direction = metric_info(key)[1], metric_info(key)[2]
         replacement = split_column(key)[1]
         label += f" @{replacement}" if replacement else ""

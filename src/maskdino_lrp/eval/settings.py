@@ -17,6 +17,7 @@ __all__ = ["METRICS", "REPLACED", "EvalSettings", "UNITS", "UNIT_PREFIX", "UNIT_
 # metric key → (group, label, direction: +1 higher is better, -1 lower is better, 0 neither)
 METRICS: dict[str, tuple[str, str, int]] = {
     "mass_accuracy": ("localisation", "relevance mass acc.", +1),
+    "mass_accuracy_tol": ("localisation", "relevance mass acc. (tol)", +1),
     "rank_accuracy": ("localisation", "relevance rank acc.", +1),
     "pointing_game": ("localisation", "pointing game", +1),
     "pointing_game_tol": ("localisation", "pointing game (tol)", +1),
@@ -107,7 +108,7 @@ class EvalSettings:
     replacements: list[str] = field(default_factory=lambda: ["mean", "blur", "noise", "zero"])
     blur_sigma: float = 5.0
     aopc_steps: int = 10  # AOPC over the first k steps (with steps=20: the first 50 %)
-    pointing_tolerance: float = 2.0
+    pointing_tolerance: float = 2.0  # px: the tolerant pointing game's and mass accuracy's margin around the mask
     score_threshold: float = 0.3
     iou_threshold: float = 0.5
     require_class: bool = True

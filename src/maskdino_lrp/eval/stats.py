@@ -10,7 +10,7 @@ from .settings import UNIT_PREFIX, UNITS, column, metric_info
 __all__ = ["aggregate", "paired_comparison", "paired_keys", "rank_stability", "PAIRED_METRICS", "STABILITY_METRICS"]
 
 PAIRED_METRICS = (*(UNIT_PREFIX[u] + k for u in UNITS for k in ("deletion_auc", "insertion_auc", "srg", "aopc")),
-                  "mass_accuracy", "rank_accuracy", "leak")
+                  "mass_accuracy", "mass_accuracy_tol", "rank_accuracy", "leak")
 STABILITY_METRICS = tuple(UNIT_PREFIX[u] + k for u in UNITS for k in ("srg", "deletion_auc", "insertion_auc"))
 
 
