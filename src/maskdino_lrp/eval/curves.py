@@ -2,14 +2,14 @@
 
 A :class:`CurveProbe` holds what the curves of one explained detection need in one unit (``pixels``:
 the image and its neutral image; ``patches``: the same, removed in squares of ``patch`` pixels;
-``tokens``: keep-all and keep-none masks over the encoder tokens) and one replacement. :meth:`CurveProbe.curves` takes the removal orders of all methods (and the
-random baseline) at once, lists the perturbed inputs every curve needs, keeps each distinct one once
-(an input is identified by the set of elements it replaces: the start and the neutral input are
-shared by all orders; over the whole range LIF deletion at fraction f is insertion at 1 − f of the
-same order; two orders that agree on a step's set, as methods with the same token ranking do, share
-that input) and scores them in batches of ``batch_size``;
-inputs whose scores it is given (``known``: the start and neutral inputs, which every pair of an
-image shares) are not run again.
+``tokens``: keep-all and keep-none masks over the encoder tokens) and one replacement.
+:meth:`CurveProbe.curves` takes the removal orders of all methods (and the random baseline) at once,
+lists the perturbed inputs every curve needs, keeps each distinct one once (an input is identified by
+the set of elements it replaces: the start and the neutral input are shared by all orders; over the
+whole range LIF deletion at fraction f is insertion at 1 − f of the same order; two orders that agree
+on a step's set, as methods with the same token ranking do, share that input) and scores them in
+batches of ``batch_size``; inputs whose scores it is given (``known``: the start and neutral inputs,
+which every pair of an image shares) are not run again.
 """
 from __future__ import annotations
 

@@ -265,7 +265,7 @@ def _summary(settings: EvalSettings, table: dict[str, dict[str, M.Estimate]], no
     # the paired tables compare with lrp-default where the run has it, else with its first method
     others = [m for m in table if m not in LRP_METHODS and m != "random"] if "lrp-default" in table else []
     for key in paired_keys(settings.replacements, ("srg", "deletion_auc", "insertion_auc", "patch_srg", "token_srg",
-                                                   "mass_accuracy")):
+                                                   "mass_accuracy", "mass_accuracy_tol")):
         rows = {m: paired[m][key] for m in others if m in paired and key in paired[m] and paired[m][key].n > 1}
         if not rows:
             continue

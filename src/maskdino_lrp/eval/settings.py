@@ -11,8 +11,8 @@ from typing import Any
 
 from .methods import DEFAULT_METHODS
 
-__all__ = ["METRICS", "REPLACED", "EvalSettings", "UNITS", "UNIT_PREFIX", "UNIT_TEXT", "unit_of", "MODES", "RANDOM_ORDER", "column", "split_column",
-           "metric_info", "columns_of"]
+__all__ = ["METRICS", "REPLACED", "EvalSettings", "UNITS", "UNIT_PREFIX", "UNIT_TEXT", "unit_of", "MODES",
+           "RANDOM_ORDER", "column", "split_column", "metric_info", "columns_of"]
 
 # metric key → (group, label, direction: +1 higher is better, -1 lower is better, 0 neither)
 METRICS: dict[str, tuple[str, str, int]] = {
@@ -56,7 +56,7 @@ REPLACED = frozenset(k for k, (group, _, _) in METRICS.items() if group.startswi
 
 
 def unit_of(metric: str) -> tuple[str, str]:
-    """A faithfulness metric key → (unit, the metric without its unit prefix), e.g. ``patch_srg`` → (patches, srg)."""
+    """A faithfulness metric key → (unit, the key without its unit prefix): ``patch_srg`` → (patches, srg)."""
     for unit in UNITS[1:]:
         if metric.startswith(UNIT_PREFIX[unit]):
             return unit, metric.removeprefix(UNIT_PREFIX[unit])
