@@ -559,10 +559,10 @@ def pool_to_tokens(relevance: Any, shapes: Sequence[tuple[int, int]], padded_siz
 def pool_to_patches(relevance: Any, patch: int) -> torch.Tensor:
     """A pixel map (h, w) → (⌈h/patch⌉, ⌈w/patch⌉): each ``patch`` × ``patch`` square's sum (the last row and
     column of squares are cut by the image edge)."""
-    e = torch.as_tensor(_array(relevance))
-    h, w = e.shape
-    padded = F.pad(e, (0, -w % patch, 0, -h % patch))
-    return padded.reshape(padded.shape[0] // patch, patch, padded.shape[1] // patch, patch).sum((1, 3))
+    e = _array(relevance)
+    grid = (-(-e.shape[0] // patch), -(-e.shape[1] // patch))
+    # the squares are the footprints of a single token level on the map padded to whole squares
+    return pool_to_tokens(e, [grid], (grid[0] * patch, grid[1] * patch)).view(grid)
 
 
 def level_balanced_order(token_relevance: Any, shapes: Sequence[tuple[int, int]], seed: int = 0) -> np.ndarray:

@@ -31,6 +31,8 @@ METRICS: dict[str, tuple[str, str, int]] = {
     "srg": ("faithfulness", "SRG = LIF − MIF", +1),
     "aopc": ("faithfulness", "AOPC (deletion)", +1),
     "deletion_auc_fixed_query": ("faithfulness", "deletion AUC (fixed query)", -1),
+}
+_SANITY: dict[str, tuple[str, str, int]] = {
     "conservation_error": ("sanity and cost", "conservation error", -1),
     "bias_share": ("sanity and cost", "bias share", 0),
     "positional_share": ("sanity and cost", "positional share", 0),
@@ -49,8 +51,7 @@ for _unit in UNITS[1:]:  # the same curve metrics over patches and tokens, group
         _, _label, _direction = METRICS[_key]
         METRICS[UNIT_PREFIX[_unit] + _key] = (f"faithfulness: {UNIT_TEXT[_unit]}",
                                               f"{UNIT_PREFIX[_unit].rstrip('_')} {_label}", _direction)
-for _key in [k for k, (group, _, _) in METRICS.items() if group == "sanity and cost"]:
-    METRICS[_key] = METRICS.pop(_key)  # the units' groups before sanity and cost, as the tables show them
+METRICS.update(_SANITY)  # after the units' groups, as the tables show them
 # the metrics whose value depends on what replaces removed pixels / tokens
 REPLACED = frozenset(k for k, (group, _, _) in METRICS.items() if group.startswith("faithfulness"))
 
